@@ -1,0 +1,1 @@
+"""maepipe: MAE pretraining grid -> selection -> linear probe / fine-tune -> ROC-AUC evaluation."""

@@ -1,0 +1,75 @@
+"""One CLI for every stage: `python -m pipeline <stage> [--patch P --mask M] [--params FILE]`.
+
+A user mistake (UserError) prints one line `maepipe: error: ...` and exits 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+STAGES = ("data", "pretrain", "select", "probe", "finetune", "evaluate")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: one line, exit 2, like ours
+        self.exit(2, f"maepipe: error: {message}\n")
+
+
+def _number(kind):
+    def parse(text):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES + ("preset", "validate"))
+    parser.add_argument("name", nargs="?", help="preset name (for `preset`)")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--patch", type=_number(int), help="pretrain: the cell's patch size")
+    parser.add_argument("--mask", type=_number(float), help="pretrain: the cell's mask ratio")
+    args = parser.parse_args(argv)
+
+    from .errors import UserError
+
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"maepipe: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maepipe: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from . import params as params_mod
+    from .errors import UserError
+
+    if args.stage == "preset":
+        from .presets import dvc_set_args
+
+        print(" ".join(dvc_set_args(args.name)))
+        return 0
+    p = params_mod.load(args.params)
+    if args.stage == "validate":
+        print(f"{args.params}: ok ({len(p.cells())} grid cells)")
+        return 0
+    if args.stage == "pretrain":
+        if args.patch is None or args.mask is None:
+            raise UserError("pretrain needs --patch and --mask (one grid cell)")
+        from .stages import pretrain
+
+        pretrain.run(p, args.patch, args.mask)
+        return 0
+    import importlib
+
+    importlib.import_module(f".stages.{args.stage}", __package__).run(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

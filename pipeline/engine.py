@@ -1,0 +1,231 @@
+"""Device, optimizers (AdamW, LARS, SGD), warm-up + cosine schedule and the one training loop.
+
+Data lives on the device as uint8; a batch is an index tensor into it. Per-step statistics are
+accumulated on the device and read once per epoch, so the loop never waits on the host.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("params: device = 'cuda': no CUDA GPU is visible to PyTorch here; "
+                        "use auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("params: device = 'mps': Apple MPS is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def setup(device_name: str, seed: int) -> torch.device:
+    """Seed everything and pick the device. CPU runs are bit-for-bit repeatable."""
+    device = resolve_device(device_name)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                  else os.cpu_count() or 1))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 on CUDA; full fp32 elsewhere (CPU bf16 is slower and less exact on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def as_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div_(255.0)
+
+
+# --- optimizers -------------------------------------------------------------------------------
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratio (You et al. 2017), as the MAE linear probe uses.
+
+    Weight decay and the trust ratio apply to matrices only; biases and norm parameters (1-D) get
+    plain momentum SGD, the usual exclusion."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group["weight_decay"])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    one = torch.ones_like(p_norm)
+                    ratio = torch.where(p_norm > 0, torch.where(u_norm > 0, group["trust_coefficient"]
+                                                                * p_norm / u_norm, one), one)
+                    update = update.mul(ratio)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"].mul_(group["momentum"]).add_(update)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
+def param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay, biases/norms/tokens do not."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
+    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(name: str, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    lr = groups[0]["lr"]
+    if name == "adamw":
+        kwargs = {"fused": True} if device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **kwargs)
+    if name == "lars":
+        return LARS(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    raise UserError(f"params: optimizer = {name!r}: must be one of adamw, lars, sgd")
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """Linear warm-up to each group's lr, then cosine to zero, stepped once per batch."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+class Diverged(UserError):
+    pass
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor                  # mean over the batch, differentiable
+    correct: torch.Tensor | None = None  # number of correct predictions (classification)
+
+
+def batch_indices(n: int, batch_size: int, device: torch.device, generator: torch.Generator,
+                  shuffle: bool = True) -> list[torch.Tensor]:
+    order = torch.randperm(n, device=device, generator=generator) if shuffle else torch.arange(n, device=device)
+    # Drop a ragged last batch smaller than half a batch: a BatchNorm on 1-2 samples is noise.
+    chunks = list(order.split(batch_size))
+    if len(chunks) > 1 and len(chunks[-1]) < batch_size // 2:
+        chunks.pop()
+    return chunks
+
+
+def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_train: int,
+        epochs: int, batch_size: int, warmup_epochs: float, device: torch.device, seed: int,
+        step: Callable[[torch.Tensor], StepOutput],
+        validate: Callable[[], dict[str, float]],
+        on_epoch: Callable[[int, dict[str, float]], None]) -> list[dict[str, float]]:
+    """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
+    scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch)))
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen, has_acc = 0, False
+        for idx in batch_indices(n_train, batch_size, device, generator):
+            with autocast(device):
+                out = step(idx)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += out.loss.detach().float() * len(idx)
+            if out.correct is not None:
+                correct += out.correct
+                has_acc = True
+            seen += len(idx)
+        train_loss = loss_sum.item() / seen
+        if not math.isfinite(train_loss):
+            raise Diverged(f"{stage}: the training loss became {train_loss} in epoch {epoch}; "
+                           f"lower the learning rate or check the data")
+        metrics = {"train_loss": train_loss}
+        if has_acc:
+            metrics["train_acc"] = correct.item() / seen
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            metrics.update(validate())
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        history.append(metrics)
+        on_epoch(epoch, metrics)
+    return history
+
+
+@torch.no_grad()
+def predict(fn: Callable[[torch.Tensor], torch.Tensor], images_u8: torch.Tensor, batch_size: int,
+            device: torch.device) -> torch.Tensor:
+    """Apply `fn` to float images batch by batch; returns the concatenated fp32 outputs."""
+    outs = []
+    with autocast(device):
+        for chunk in images_u8.split(batch_size):
+            outs.append(fn(as_float(chunk)).float())
+    return torch.cat(outs)
+
+
+def fit_classifier(*, stage: str, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
+                   optimizer: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor,
+                   x_val: torch.Tensor, y_val: torch.Tensor, epochs: int, batch_size: int,
+                   warmup_epochs: float, device: torch.device, seed: int,
+                   on_epoch: Callable[[int, dict[str, float]], None]) -> list[dict[str, float]]:
+    """Cross-entropy training of `forward` (inputs -> logits); `module` holds what is trained."""
+    import torch.nn.functional as F
+
+    def step(idx):
+        logits = forward(x_train[idx]).float()
+        target = y_train[idx]
+        return StepOutput(F.cross_entropy(logits, target), (logits.argmax(1) == target).sum())
+
+    def validate():
+        logits = torch.cat([forward(chunk).float() for chunk in x_val.split(batch_size)])
+        return {"val_loss": F.cross_entropy(logits, y_val).item(),
+                "val_acc": (logits.argmax(1) == y_val).float().mean().item()}
+
+    return fit(stage=stage, model=module, optimizer=optimizer, n_train=len(x_train), epochs=epochs,
+               batch_size=batch_size, warmup_epochs=warmup_epochs, device=device, seed=seed, step=step,
+               validate=validate, on_epoch=on_epoch)

@@ -1,0 +1,318 @@
+"""Load params.yaml and validate every value into frozen dataclasses.
+
+Every mistake becomes one UserError that names the parameter, the value and what is allowed.
+Unknown keys are errors too: a typo such as `pretrain.epoch` must not silently keep a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .model import HEADS, LOSSES, POOLS, num_visible
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OPTIMIZERS = ("lars", "sgd", "adamw")
+SELECT_METRICS = ("val_mse", "val_loss")
+
+
+# --- field kinds -------------------------------------------------------------------------------
+# Each checker takes (name, value) and returns the cleaned value or raises UserError.
+
+def _bad(name: str, value: Any, allowed: str) -> UserError:
+    return UserError(f"params: {name} = {value!r}: {allowed}")
+
+
+def pos_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise _bad(name, v, "must be a positive integer")
+    return v
+
+
+def nonneg_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _bad(name, v, "must be an integer >= 0")
+    return v
+
+
+def opt_pos_int(name, v):
+    return None if v is None else pos_int(name, v)
+
+
+def _number(name, v, allowed):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _bad(name, v, allowed)
+    return float(v)
+
+
+def pos_float(name, v):
+    v2 = _number(name, v, "must be a positive number")
+    if v2 <= 0:
+        raise _bad(name, v, "must be a positive number")
+    return v2
+
+
+def nonneg_float(name, v):
+    v2 = _number(name, v, "must be a number >= 0")
+    if v2 < 0:
+        raise _bad(name, v, "must be a number >= 0")
+    return v2
+
+
+def fraction(name, v):
+    v2 = _number(name, v, "must be a number strictly between 0 and 1")
+    if not 0 < v2 < 1:
+        raise _bad(name, v, "must be a number strictly between 0 and 1")
+    return v2
+
+
+def choice(*options):
+    def check(name, v):
+        if v not in options:
+            raise _bad(name, v, f"must be one of {', '.join(options)}")
+        return v
+    return check
+
+
+def string(name, v):
+    if not isinstance(v, str) or not v:
+        raise _bad(name, v, "must be a non-empty string")
+    return v
+
+
+def boolean(name, v):
+    if not isinstance(v, bool):
+        raise _bad(name, v, "must be true or false")
+    return v
+
+
+def list_of(item_check):
+    def check(name, v):
+        if not isinstance(v, list) or not v:
+            raise _bad(name, v, "must be a non-empty list")
+        out = [item_check(f"{name}[{i}]", x) for i, x in enumerate(v)]
+        if len(set(out)) != len(out):
+            raise _bad(name, v, "must not repeat a value")
+        return tuple(out)
+    return check
+
+
+def auto_or(item_check):
+    def check(name, v):
+        return "auto" if v == "auto" else item_check(name, v)
+    return check
+
+
+def _field(check, default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class GridParams:
+    patch: tuple = _field(list_of(pos_int))
+    mask_ratio: tuple = _field(list_of(fraction))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParams:
+    dataset: str = _field(choice(*DATASETS))
+    image_size: int = _field(pos_int)
+    val_fraction: float = _field(fraction)
+    train_limit: int | None = _field(opt_pos_int, None)
+    test_limit: int | None = _field(opt_pos_int, None)
+    raw_dir: str = _field(string, "data/raw")
+    verify_checksums: bool = _field(boolean, True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelParams:
+    dim: int = _field(pos_int)
+    depth: int = _field(pos_int)
+    heads: int = _field(pos_int)
+    mlp_ratio: float = _field(pos_float, 4.0)
+    decoder_dim: int = _field(pos_int)
+    decoder_depth: int = _field(pos_int)
+    decoder_heads: int = _field(pos_int)
+    pool: str = _field(choice(*POOLS), "cls")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainParams:
+    epochs: int = _field(pos_int)
+    batch_size: int = _field(pos_int)
+    lr: float = _field(pos_float)
+    weight_decay: float = _field(nonneg_float)
+    warmup_epochs: float = _field(nonneg_float, 0.0)
+    loss: str = _field(choice(*LOSSES), "mse")
+    train_limit: int | None = _field(opt_pos_int, None)
+    val_limit: int | None = _field(opt_pos_int, None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SelectParams:
+    metric: str = _field(choice(*SELECT_METRICS), "val_mse")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeParams:
+    head: str = _field(choice(*HEADS), "linear")
+    optimizer: str = _field(choice(*OPTIMIZERS), "lars")
+    epochs: int = _field(pos_int)
+    batch_size: int = _field(pos_int)
+    lr: float = _field(pos_float)
+    weight_decay: float = _field(nonneg_float, 0.0)
+    warmup_epochs: float = _field(nonneg_float, 0.0)
+    mlp_hidden: int = _field(pos_int, 512)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneParams:
+    head: str = _field(choice(*HEADS), "linear")
+    optimizer: str = _field(choice(*OPTIMIZERS), "adamw")
+    epochs: int = _field(pos_int)
+    batch_size: int = _field(pos_int)
+    lr_encoder: float = _field(pos_float)
+    lr_head: float = _field(pos_float)
+    weight_decay: float = _field(nonneg_float, 0.05)
+    warmup_epochs: float = _field(nonneg_float, 0.0)
+    mlp_hidden: int = _field(pos_int, 512)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlflowParams:
+    experiment: str = _field(string, "maepipe")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    seed: int = _field(nonneg_int)
+    device: str = _field(choice(*DEVICES))
+    patch: Any = _field(auto_or(pos_int))
+    mask_ratio: Any = _field(auto_or(fraction))
+    grid: GridParams = _field(None)
+    data: DataParams = _field(None)
+    model: ModelParams = _field(None)
+    pretrain: PretrainParams = _field(None)
+    select: SelectParams = _field(None)
+    probe: ProbeParams = _field(None)
+    finetune: FinetuneParams = _field(None)
+    mlflow: MlflowParams = _field(None)
+
+    def cells(self) -> list[tuple[int, float]]:
+        return [(p, m) for p in self.grid.patch for m in self.grid.mask_ratio]
+
+
+def cell_name(patch: int, mask_ratio: float) -> str:
+    return f"p{patch}-m{mask_ratio:g}"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Params (or a section) as {'pretrain.epochs': 10, ...}: the names MLflow shows."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        else:
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+def _build(cls, raw: Any, prefix: str):
+    where = prefix.rstrip(".") or "params.yaml"
+    if not isinstance(raw, dict):
+        raise UserError(f"params: {where} = {raw!r}: must be a mapping of keys to values")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise UserError(f"params: {prefix}{unknown[0]}: unknown key (allowed in {where}: "
+                        f"{', '.join(known)})")
+    values = {}
+    for name, f in known.items():
+        key = f"{prefix}{name}"
+        section = _SECTIONS.get(name) if cls is Params else None
+        if name not in raw:
+            if section is not None or f.default is dataclasses.MISSING:
+                raise UserError(f"params: {key}: missing (required)")
+            values[name] = f.default
+        elif section is not None:
+            values[name] = _build(section, raw[name], key + ".")
+        else:
+            values[name] = f.metadata["check"](key, raw[name])
+    return cls(**values)
+
+
+_SECTIONS = {"grid": GridParams, "data": DataParams, "model": ModelParams, "pretrain": PretrainParams,
+             "select": SelectParams, "probe": ProbeParams, "finetune": FinetuneParams,
+             "mlflow": MlflowParams}
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_cell(p: Params, patch: int, mask_ratio: float, what: str = "grid") -> None:
+    """A (patch, mask) pair must tile the image and leave at least one visible and one hidden patch."""
+    size = p.data.image_size
+    if size % patch:
+        raise UserError(f"params: {what}.patch = {patch}: must divide data.image_size = {size} "
+                        f"(allowed: {', '.join(map(str, divisors(size)))})")
+    patches = (size // patch) ** 2
+    visible = num_visible(patches, mask_ratio)
+    if visible < 1 or visible >= patches:
+        raise UserError(f"params: {what}.mask_ratio = {mask_ratio:g}: with patch {patch} "
+                        f"({patches} patches) it leaves {visible} visible; must leave at least one "
+                        f"visible and one hidden patch")
+
+
+def validate(p: Params) -> Params:
+    for patch in p.grid.patch:
+        for mask in p.grid.mask_ratio:
+            check_cell(p, patch, mask)
+    for pin, options in (("patch", p.grid.patch), ("mask_ratio", p.grid.mask_ratio)):
+        value = getattr(p, pin)
+        if value != "auto" and value not in options:
+            shown = ", ".join(f"{x:g}" for x in options)
+            raise UserError(f"params: {pin} = {value!r}: not in grid.{pin} [{shown}]; "
+                            f"use one of those or auto")
+    m = p.model
+    if m.dim % 4:
+        raise UserError(f"params: model.dim = {m.dim}: must be a multiple of 4 (2-D sin-cos positions)")
+    if m.dim % m.heads:
+        raise UserError(f"params: model.heads = {m.heads}: must divide model.dim = {m.dim}")
+    if m.decoder_dim % 4:
+        raise UserError(f"params: model.decoder_dim = {m.decoder_dim}: must be a multiple of 4")
+    if m.decoder_dim % m.decoder_heads:
+        raise UserError(f"params: model.decoder_heads = {m.decoder_heads}: must divide "
+                        f"model.decoder_dim = {m.decoder_dim}")
+    return p
+
+
+def parse(raw: Any) -> Params:
+    return validate(_build(Params, raw, ""))
+
+
+def load(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"params: cannot read {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"params: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return parse(raw)

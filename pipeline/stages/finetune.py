@@ -1,0 +1,37 @@
+"""Stage `finetune`: pretrained encoder + new head trained end to end (separate learning rates)."""
+from .. import checkpoint, data, engine, report, tracking
+from ..model import Classifier
+from ..params import Params, flatten
+from . import METRICS, MODELS, PLOTS, prepared_path
+
+
+def run(p: Params) -> None:
+    device = engine.setup(p.device, p.seed)
+    d = data.load_prepared(prepared_path(p))
+    best = checkpoint.load(MODELS / "best.pt")
+    ft = p.finetune
+    head = {"num_classes": len(d["classes"]), "head": ft.head, "pool": p.model.pool, "mlp_hidden": ft.mlp_hidden}
+    clf = Classifier(checkpoint.encoder_from(best), **head).to(device)
+    groups = (engine.param_groups(clf.encoder, ft.lr_encoder, ft.weight_decay)
+              + engine.param_groups(clf.head, ft.lr_head, ft.weight_decay))
+    optimizer = engine.make_optimizer(ft.optimizer, groups, device)
+    x = {s: engine.to_device(d[f"x_{s}"], device) for s in ("train", "val")}
+    y = {s: engine.to_device(d[f"y_{s}"], device) for s in ("train", "val")}
+    params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool, **flatten(ft, "finetune.")}
+    with tracking.start(p.mlflow.experiment, "finetune", params, p.data.dataset, best["meta"]["cell"]) as run:
+        curve = []
+
+        def on_epoch(epoch, metrics):
+            curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}})
+            run.log_epoch(epoch, metrics)
+
+        history = engine.fit_classifier(stage="finetune", module=clf, forward=lambda u8: clf(engine.as_float(u8)),
+                                        optimizer=optimizer, x_train=x["train"], y_train=y["train"],
+                                        x_val=x["val"], y_val=y["val"], epochs=ft.epochs,
+                                        batch_size=ft.batch_size, warmup_epochs=ft.warmup_epochs,
+                                        device=device, seed=p.seed, on_epoch=on_epoch)
+        final = {k: history[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
+        checkpoint.save(MODELS / "finetune.pt", checkpoint.classifier_payload(clf, head, stage="finetune"))
+        report.write_json(final, METRICS / "finetune.json")
+        report.write_csv(curve, PLOTS / "finetune" / "curve.csv")
+        run.log_artifact(PLOTS / "finetune" / "curve.csv")

@@ -1,0 +1,42 @@
+"""Stage `probe`: frozen pretrained encoder + a new head (LARS, warm-up + cosine)."""
+from .. import checkpoint, data, engine, report, tracking
+from ..model import Classifier
+from ..params import Params, flatten
+from . import METRICS, MODELS, PLOTS, prepared_path
+
+
+def run(p: Params) -> None:
+    device = engine.setup(p.device, p.seed)
+    d = data.load_prepared(prepared_path(p))
+    best = checkpoint.load(MODELS / "best.pt")
+    encoder = checkpoint.encoder_from(best)
+    pr = p.probe
+    head = {"num_classes": len(d["classes"]), "head": pr.head, "pool": p.model.pool, "mlp_hidden": pr.mlp_hidden}
+    clf = Classifier(encoder, **head).to(device)
+    clf.encoder.requires_grad_(False)
+    clf.encoder.eval()
+    # The encoder is frozen and inputs are not augmented, so its features are computed once and
+    # the head trains on them: an epoch costs a matrix multiply, not a ViT forward pass.
+    feats = {s: engine.predict(clf.features, engine.to_device(d[f"x_{s}"], device), pr.batch_size, device)
+             for s in ("train", "val")}
+    labels = {s: engine.to_device(d[f"y_{s}"], device) for s in ("train", "val")}
+    optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, pr.lr, pr.weight_decay), device)
+    params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool, **flatten(pr, "probe.")}
+    with tracking.start(p.mlflow.experiment, "probe", params, p.data.dataset, best["meta"]["cell"]) as run:
+        curve = []
+
+        def on_epoch(epoch, metrics):
+            curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "val_loss", "val_acc")}})
+            run.log_epoch(epoch, metrics)
+
+        history = engine.fit_classifier(stage="probe", module=clf.head, forward=clf.head, optimizer=optimizer,
+                                        x_train=feats["train"], y_train=labels["train"], x_val=feats["val"],
+                                        y_val=labels["val"], epochs=pr.epochs, batch_size=pr.batch_size,
+                                        warmup_epochs=pr.warmup_epochs, device=device, seed=p.seed,
+                                        on_epoch=on_epoch)
+        final = {k: history[-1][k] for k in ("train_loss", "val_loss", "val_acc")}
+        checkpoint.save(MODELS / "probe.pt", checkpoint.classifier_payload(clf, head, stage="probe"))
+        report.write_json(final, METRICS / "probe.json")
+        report.write_csv(curve, PLOTS / "probe" / "curve.csv")
+        run.log_artifact(PLOTS / "probe" / "curve.csv")
+
