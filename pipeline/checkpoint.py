@@ -1,23 +1,25 @@
 """Checkpoints: a dict of plain values and tensors, written atomically, read with weights_only=True."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .fsutil import atomic_path, write_bytes
 from .model import MAE, Classifier, Encoder, ViTConfig
 
 
 def save(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def copy(src: Path, dst: Path) -> dict:
+    """Byte-for-byte copy (so DVC sees identical content), after checking that `src` loads."""
+    payload = load(src)
+    write_bytes(dst, src.read_bytes())
+    return payload
 
 
 def load(path: Path) -> dict:

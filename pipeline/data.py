@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .fsutil import atomic_path
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -282,14 +282,8 @@ PREPARED_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "cl
 
 
 def save_prepared(arrays: dict[str, np.ndarray], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_prepared(path: Path) -> dict[str, np.ndarray]:

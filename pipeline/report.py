@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -14,19 +13,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from .fsutil import write_bytes  # noqa: E402
 
 
 def write_json(obj, path: Path) -> None:
-    _atomic_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path: Path):
@@ -40,7 +31,7 @@ def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str] | None = 
     writer.writeheader()
     for row in rows:
         writer.writerow({k: _fmt(row[k]) for k in columns})
-    _atomic_write(path, buf.getvalue().encode())
+    write_bytes(path, buf.getvalue().encode())
 
 
 def _fmt(v):
@@ -51,7 +42,7 @@ def write_markdown_table(rows: Sequence[dict], path: Path, title: str) -> None:
     columns = list(rows[0].keys())
     lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(_fmt(r[c])) for c in columns) + " |" for r in rows]
-    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def save_figure(fig, path: Path) -> None:
@@ -59,7 +50,7 @@ def save_figure(fig, path: Path) -> None:
     # No timestamp or version in the PNG, so re-runs give identical files.
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
-    _atomic_write(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def _show(ax, image: np.ndarray, title: str | None = None, color: str = "black") -> None:

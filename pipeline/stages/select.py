@@ -32,8 +32,7 @@ def run(p: Params) -> None:
     params = {"patch": p.patch, "mask_ratio": p.mask_ratio, "grid.patch": list(p.grid.patch),
               "grid.mask_ratio": list(p.grid.mask_ratio), **flatten(p.select, "select.")}
     with tracking.start(p.mlflow.experiment, "select", params, p.data.dataset, best["cell"]) as run:
-        ckpt = checkpoint.load(mae_path(best["cell"]))
-        checkpoint.save(MODELS / "best.pt", ckpt)
+        checkpoint.copy(mae_path(best["cell"]), MODELS / "best.pt")
         values = np.array([[next(r[metric] for r in rows if r["patch"] == pa and r["mask_ratio"] == ma)
                             for ma in p.grid.mask_ratio] for pa in p.grid.patch])
         chosen_at = (p.grid.patch.index(best["patch"]), p.grid.mask_ratio.index(best["mask_ratio"]))

@@ -1,0 +1,88 @@
+"""Shared helpers: a tiny but real config, and throwaway git+DVC repos built from this checkout."""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ["pipeline", "presets", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+
+
+def tiny_params(**overrides) -> dict:
+    """The committed params.yaml shrunk to seconds: digits at 16x16, a 2x2 grid, a 1-block ViT."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["device"] = "cpu"
+    p["patch"] = "auto"
+    p["grid"] = {"patch": [4, 8], "mask_ratio": [0.5, 0.75]}
+    p["data"].update(dataset="digits", image_size=16)
+    p["model"].update(dim=32, depth=1, heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    p["pretrain"].update(epochs=2, batch_size=128, train_limit=None, val_limit=None)
+    p["probe"].update(epochs=3)
+    p["finetune"].update(epochs=2)
+    for dotted, value in overrides.items():
+        *path, last = dotted.split(".")
+        node = p
+        for key in path:
+            node = node[key]
+        node[last] = value
+    return copy.deepcopy(p)
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e["PATH"] = f"{BIN}{os.pathsep}{e.get('PATH', '')}"
+    e.pop("MLFLOW_TRACKING_URI", None)
+    e.pop("DVC_ROOT", None)
+    e["DVC_NO_ANALYTICS"] = "1"
+    e["GIT_AUTHOR_NAME"] = e["GIT_COMMITTER_NAME"] = "maepipe test"
+    e["GIT_AUTHOR_EMAIL"] = e["GIT_COMMITTER_EMAIL"] = "test@maepipe"
+    e.update(extra)
+    return e
+
+
+def sh(cmd: list[str] | str, cwd: Path, check: bool = True, **extra_env) -> subprocess.CompletedProcess:
+    out = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True,
+                         shell=isinstance(cmd, str))
+    if check and out.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
+    return out
+
+
+def make_repo(path: Path, params: dict) -> Path:
+    """A fresh git repo holding this project's code and `params`, committed, as a user's clone."""
+    path.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src, dst = ROOT / name, path / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, dst)
+    write_params(path, params)
+    sh(["git", "init", "-q", "-b", "main"], path)
+    sh(["git", "add", "-A"], path)
+    sh(["git", "commit", "-qm", "init"], path)
+    return path
+
+
+def write_params(repo: Path, params: dict) -> None:
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def cli(repo: Path, *args: str, check: bool = False, **extra_env) -> subprocess.CompletedProcess:
+    """`python -m pipeline ...` in `repo`, with the repo's own copy of the code if it has one."""
+    code = repo if (repo / "pipeline").is_dir() else ROOT
+    return sh([sys.executable, "-m", "pipeline", *args], repo, check=check, PYTHONPATH=str(code), **extra_env)
+
+
+@pytest.fixture
+def tiny_repo(tmp_path) -> Path:
+    return make_repo(tmp_path / "repo", tiny_params())

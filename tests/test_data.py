@@ -1,0 +1,176 @@
+"""Loaders on files written in the exact on-disk formats (IDX gz, CIFAR-10 python pickles)."""
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli, tiny_params, write_params
+from pipeline import data
+from pipeline.errors import UserError
+
+DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_idx_dataset(folder: Path, n_train=60, n_test=20, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28)), "train_labels": np.arange(n_train) % 10,
+              "test_images": rng.integers(0, 256, (n_test, 28, 28)), "test_labels": np.arange(n_test) % 10}
+    for key, name in data.IDX_FILES.items():
+        write_idx(folder / name, arrays[key])
+    return arrays
+
+
+def write_cifar(folder: Path, per_batch=10, seed=0) -> dict:
+    """The python version's layout: pickled dicts with bytes keys, data as N x 3072 uint8 rows."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name in data.CIFAR_TRAIN + data.CIFAR_TEST:
+        d = {b"batch_label": name.encode(), b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+             b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+             b"filenames": [f"img{i}.png".encode() for i in range(per_batch)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+        batches[name] = d
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in data.SPECS["cifar10"].classes]}, f, protocol=2)
+    return batches
+
+
+def test_idx_roundtrip(tmp_path):
+    a = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
+    write_idx(tmp_path / "x.gz", a)
+    assert np.array_equal(data.read_idx(tmp_path / "x.gz"), a)
+
+
+def test_idx_corrupt(tmp_path):
+    write_idx(tmp_path / "x.gz", np.zeros((5, 4, 4)))
+    raw = gzip.open(tmp_path / "x.gz").read()
+    with gzip.open(tmp_path / "short.gz", "wb") as f:
+        f.write(raw[:-3])
+    with pytest.raises(UserError, match="corrupt .*IDX header says"):
+        data.read_idx(tmp_path / "short.gz")
+    (tmp_path / "plain.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(UserError, match="not a readable gzip"):
+        data.read_idx(tmp_path / "plain.gz")
+    with gzip.open(tmp_path / "magic.gz", "wb") as f:
+        f.write(b"\x00\x00\x0d\x03" + raw[4:])  # float IDX, not ubyte
+    with pytest.raises(UserError, match="not an unsigned-byte IDX"):
+        data.read_idx(tmp_path / "magic.gz")
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_idx_datasets_from_local_folder(tmp_path, dataset):
+    arrays = write_idx_dataset(tmp_path / dataset)
+    out = data.prepare(dataset, 28, 0.25, 0, tmp_path, verify_checksums=False, download=False)
+    assert out["x_train"].shape == (45, 1, 28, 28) and out["x_val"].shape == (15, 1, 28, 28)
+    assert out["x_test"].dtype == np.uint8 and np.array_equal(out["x_test"][:, 0], arrays["test_images"])
+    # train + val is a permutation of the original training set
+    both = np.concatenate([out["x_train"], out["x_val"]])[:, 0].reshape(60, -1)
+    assert sorted(map(bytes, both)) == sorted(map(bytes, arrays["train_images"].astype(np.uint8).reshape(60, -1)))
+    assert list(out["classes"]) == list(data.SPECS[dataset].classes)
+
+
+def test_torchvision_layout_is_found(tmp_path):
+    """Where torchvision's download puts the files: <raw>/<dataset>/MNIST/raw/."""
+    write_idx_dataset(tmp_path / "mnist" / "MNIST" / "raw")
+    assert data.locate(data.SPECS["mnist"], tmp_path, download=False) == tmp_path / "mnist" / "MNIST" / "raw"
+
+
+def test_checksums_reject_a_foreign_file(tmp_path):
+    write_idx_dataset(tmp_path / "mnist")
+    with pytest.raises(UserError, match="fails its checksum"):
+        data.prepare("mnist", 28, 0.25, 0, tmp_path, verify_checksums=True, download=False)
+
+
+def test_cifar10_batches(tmp_path):
+    batches = write_cifar(tmp_path / "cifar10" / "cifar-10-batches-py")
+    out = data.prepare("cifar10", 32, 0.2, 0, tmp_path, verify_checksums=False, download=False)
+    assert out["x_train"].shape == (40, 3, 32, 32) and out["x_test"].shape == (10, 3, 32, 32)
+    first = batches["test_batch"][b"data"][0].reshape(3, 32, 32)
+    assert np.array_equal(out["x_test"][0], first)
+    assert out["y_test"].tolist() == batches["test_batch"][b"labels"]
+    assert out["mean"].shape == (3,)
+    resized = data.prepare("cifar10", 28, 0.2, 0, tmp_path, verify_checksums=False, download=False)
+    assert resized["x_train"].shape == (40, 3, 28, 28)
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Boom(), b"labels": [1]}, f, protocol=2)
+    with pytest.raises(UserError, match="refusing to load (__builtin__|builtins).print"):
+        data.read_cifar_batch(folder / "data_batch_1")
+
+
+def test_digits_split_is_seeded_and_disjoint():
+    a = data.prepare("digits", 8, 0.1, 0, Path("unused"))
+    b = data.prepare("digits", 8, 0.1, 0, Path("unused"))
+    c = data.prepare("digits", 8, 0.1, 1, Path("unused"))
+    assert all(np.array_equal(a[k], b[k]) for k in data.PREPARED_KEYS)
+    assert not np.array_equal(a["y_val"], c["y_val"])
+    n = sum(len(a[f"y_{s}"]) for s in ("train", "val", "test"))
+    assert n == 1797 and len(a["y_test"]) == 359
+    rows = {bytes(x) for s in ("train", "val", "test") for x in a[f"x_{s}"].reshape(len(a[f"x_{s}"]), -1)}
+    assert len(rows) > 1700  # (digits has a few duplicate images of its own)
+    up = data.prepare("digits", 16, 0.1, 0, Path("unused"))
+    assert up["x_train"].shape[1:] == (1, 16, 16) and up["x_train"].max() > 200
+
+
+def test_missing_dataset_says_where_to_put_files(tmp_path):
+    with pytest.raises(UserError) as e:
+        data.prepare("mnist", 28, 0.1, 0, tmp_path / "raw", download=False)
+    msg = str(e.value)
+    assert "cannot obtain mnist" in msg and str(tmp_path / "raw" / "mnist") in msg
+    assert "train-images-idx3-ubyte.gz" in msg
+
+
+def test_prepared_file_roundtrip_and_corruption(tmp_path):
+    arrays = data.prepare("digits", 8, 0.1, 0, Path("unused"))
+    path = tmp_path / "prepared" / "digits.npz"
+    data.save_prepared(arrays, path)
+    back = data.load_prepared(path)
+    assert all(np.array_equal(arrays[k], back[k]) for k in data.PREPARED_KEYS)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match="is corrupt"):
+        data.load_prepared(path)
+    with pytest.raises(UserError, match="is missing"):
+        data.load_prepared(tmp_path / "nope.npz")
+
+
+def test_data_stage_on_a_corrupt_local_copy_writes_nothing(tmp_path):
+    write_idx_dataset(tmp_path / "data" / "raw" / "mnist")
+    (tmp_path / "data" / "raw" / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage")
+    write_params(tmp_path, tiny_params(**{"data.dataset": "mnist",
+                                          "data.verify_checksums": False}))
+    out = cli(tmp_path, "data")
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("maepipe: error: data: ")
+    assert "corrupt" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "data" / "prepared").exists()
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed "
+                                                       "(apt-get install dataset-fashion-mnist)")
+def test_real_fashion_mnist_from_debian_passes_checksums(tmp_path):
+    spec = data.SPECS["fashion_mnist"]
+    assert data.locate(spec, tmp_path, download=False) == DEBIAN_FASHION
+    data.verify(spec, DEBIAN_FASHION, list(data.IDX_FILES.values()))
+    labels = data.read_idx(DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10

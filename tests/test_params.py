@@ -1,0 +1,108 @@
+import pytest
+import yaml
+
+from conftest import ROOT, cli, tiny_params, write_params
+from pipeline import params
+from pipeline.errors import UserError
+
+
+def test_committed_params_are_valid():
+    p = params.load(ROOT / "params.yaml")
+    assert len(p.cells()) == 16
+    assert params.flatten(p)["pretrain.epochs"] == p.pretrain.epochs
+    assert params.cell_name(7, 0.5) == "p7-m0.5"
+
+
+# (override, words the one-line error must contain)
+BAD = [
+    ({"grid.patch": [4, 5]}, "grid.patch = 5: must divide data.image_size = 16"),
+    ({"grid.mask_ratio": [0.5, 1.0]}, "grid.mask_ratio[1] = 1.0: must be a number strictly between 0 and 1"),
+    ({"grid.mask_ratio": [0.0]}, "strictly between 0 and 1"),
+    ({"grid.mask_ratio": [0.1]}, "grid.mask_ratio = 0.1: with patch 8 (4 patches) it leaves 4 visible"),
+    ({"data.dataset": "imagenet"}, "data.dataset = 'imagenet': must be one of fashion_mnist, mnist, cifar10, digits"),
+    ({"pretrain.loss": "l1"}, "pretrain.loss = 'l1': must be one of mse, norm_pix, bce"),
+    ({"device": "tpu"}, "device = 'tpu': must be one of auto, cpu, cuda, mps"),
+    ({"probe.head": "conv"}, "probe.head = 'conv': must be one of linear, mlp"),
+    ({"probe.optimizer": "adagrad"}, "probe.optimizer = 'adagrad': must be one of lars, sgd, adamw"),
+    ({"finetune.optimizer": "rmsprop"}, "finetune.optimizer = 'rmsprop'"),
+    ({"patch": 2}, "patch = 2: not in grid.patch [4, 8]"),
+    ({"mask_ratio": 0.6}, "mask_ratio = 0.6: not in grid.mask_ratio [0.5, 0.75]"),
+    ({"pretrain.epochs": 0}, "pretrain.epochs = 0: must be a positive integer"),
+    ({"finetune.epochs": -3}, "finetune.epochs = -3: must be a positive integer"),
+    ({"probe.batch_size": 0}, "probe.batch_size = 0: must be a positive integer"),
+    ({"pretrain.batch_size": 12.5}, "pretrain.batch_size = 12.5: must be a positive integer"),
+    ({"pretrain.epochs": True}, "pretrain.epochs = True: must be a positive integer"),
+    ({"pretrain.lr": "fast"}, "pretrain.lr = 'fast': must be a positive number"),
+    ({"model.dim": 30}, "model.dim = 30: must be a multiple of 4"),
+    ({"model.heads": 3}, "model.heads = 3: must divide model.dim = 32"),
+    ({"model.pool": "max"}, "model.pool = 'max'"),
+    ({"select.metric": "accuracy"}, "select.metric = 'accuracy'"),
+    ({"data.val_fraction": 1.5}, "data.val_fraction = 1.5"),
+    ({"grid.patch": []}, "grid.patch = []: must be a non-empty list"),
+    ({"grid.patch": [4, 4]}, "must not repeat a value"),
+    ({"pretrain.epoch": 3}, "pretrain.epoch: unknown key"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_values_are_one_clear_error(override, message):
+    with pytest.raises(UserError) as e:
+        params.parse(tiny_params(**override))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_section_and_key():
+    raw = tiny_params()
+    del raw["probe"]
+    with pytest.raises(UserError, match="params: probe: missing"):
+        params.parse(raw)
+    raw = tiny_params()
+    del raw["model"]["dim"]
+    with pytest.raises(UserError, match="params: model.dim: missing"):
+        params.parse(raw)
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path):
+    write_params(tmp_path, tiny_params(**{"grid.patch": [3]}))
+    out = cli(tmp_path, "validate")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "maepipe: error: params: grid.patch = 3: must divide data.image_size = 16 (allowed: 1, 2, 4, 8, 16)"]
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_cli_malformed_yaml(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: [1,\n  device: cpu\n")
+    out = cli(tmp_path, "validate")
+    assert out.returncode == 2 and "is not valid YAML" in out.stderr and "Traceback" not in out.stderr
+    (tmp_path / "params.yaml").write_text("- just a list\n")
+    out = cli(tmp_path, "validate")
+    assert out.returncode == 2 and "must be a mapping" in out.stderr
+
+
+def test_cli_pretrain_cell_outside_grid(tmp_path):
+    write_params(tmp_path, tiny_params())
+    out = cli(tmp_path, "pretrain", "--patch", "2", "--mask", "0.5")
+    assert out.returncode == 2 and "not in the grid" in out.stderr
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_seed_preset_is_valid_and_sized_like_the_seeds():
+    from pipeline.model import Encoder, ViTConfig, count_parameters
+    from pipeline.presets import dvc_set_args, load_preset
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in load_preset("seed").items():
+        *path, last = key.split(".")
+        node = raw
+        for k in path:
+            node = node[k]
+        node[last] = value
+    p = params.parse(raw)
+    assert p.pretrain.epochs == 10 and p.pretrain.batch_size == 256 and p.pretrain.lr == 3e-4
+    assert p.finetune.lr_encoder == 9.5e-5 and p.finetune.lr_head == 8e-4 and p.finetune.epochs == 10
+    enc = Encoder(ViTConfig(28, 1, 7, p.model.dim, p.model.depth, p.model.heads))
+    assert 6.0e6 < count_parameters(enc) < 7.0e6
+    args = dvc_set_args("seed")
+    assert args[0] == "-S" and "pretrain.train_limit=null" in args
