@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -165,6 +166,7 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
     scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch)))
     history = []
     for epoch in range(1, epochs + 1):
+        started = time.perf_counter()
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
@@ -192,6 +194,8 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         with torch.no_grad(), autocast(device):
             metrics.update(validate())
         metrics["lr"] = optimizer.param_groups[0]["lr"]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
+        print(f"{stage} epoch {epoch}/{epochs}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
         history.append(metrics)
         on_epoch(epoch, metrics)
     return history
