@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import pickle
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,6 @@ SPECS = {
              "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
              "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
              "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-        os_dirs=("/usr/share/datasets/mnist",),
         torchvision="MNIST", torchvision_subdir="MNIST/raw"),
     "cifar10": Spec(
         "cifar10", "cifar",
@@ -90,7 +90,7 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:
         raise UserError(f"data: {path} is corrupt (not a readable gzip file: {e})") from None
     return parse_idx(raw, path)
 
@@ -150,9 +150,13 @@ def verify(spec: Spec, folder: Path, names: list[str]) -> None:
         if spec.md5.get(name) == md5_file(path):
             continue
         if name in spec.md5_content:
-            with gzip.open(path, "rb") as f:
-                if hashlib.md5(f.read()).hexdigest() == spec.md5_content[name]:
-                    continue
+            try:
+                with gzip.open(path, "rb") as f:
+                    content = f.read()
+            except (OSError, EOFError, zlib.error) as e:
+                raise UserError(f"data: {path} is corrupt (not a readable gzip file: {e})") from None
+            if hashlib.md5(content).hexdigest() == spec.md5_content[name]:
+                continue
         raise UserError(f"data: {path} fails its checksum: the file is corrupt or not the official "
                         f"{spec.name}; replace it, or set data.verify_checksums: false for your own copy")
 
@@ -249,6 +253,10 @@ def prepare(dataset: str, image_size: int, val_fraction: float, seed: int, raw_d
             test_limit: int | None = None, download: bool = True) -> dict[str, np.ndarray]:
     spec = SPECS[dataset]
     x_train, y_train, x_test, y_test = load_raw(spec, raw_dir, verify_checksums, download)
+    for split, labels in (("train", y_train), ("test", y_test)):
+        if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(spec.classes)):
+            raise UserError(f"data: {dataset} {split} labels run from {labels.min()} to {labels.max()}; "
+                            f"expected 0..{len(spec.classes) - 1}: the files are corrupt")
     rng = np.random.default_rng(seed)
     if x_test is None:
         order = rng.permutation(len(x_train))

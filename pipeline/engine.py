@@ -68,8 +68,9 @@ def as_float(images_u8: torch.Tensor) -> torch.Tensor:
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratio (You et al. 2017), as the MAE linear probe uses.
 
-    Weight decay and the trust ratio apply to matrices only; biases and norm parameters (1-D) get
-    plain momentum SGD, the usual exclusion."""
+    Weight decay and the trust ratio apply to matrices only, the usual exclusion. 1-D parameters
+    (biases) step at lr * trust_coefficient: LARS learning rates are large (16 here) because the
+    trust ratio shrinks them, and a bias taking plain SGD steps at that rate oscillates."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001):
@@ -84,7 +85,9 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = p.grad
-                if p.ndim > 1:
+                if p.ndim <= 1:
+                    update = update.mul(group["trust_coefficient"])
+                else:
                     update = update.add(p, alpha=group["weight_decay"])
                     p_norm, u_norm = torch.norm(p), torch.norm(update)
                     one = torch.ones_like(p_norm)
@@ -150,7 +153,7 @@ def batch_indices(n: int, batch_size: int, device: torch.device, generator: torc
     order = torch.randperm(n, device=device, generator=generator) if shuffle else torch.arange(n, device=device)
     # Drop a ragged last batch smaller than half a batch: a BatchNorm on 1-2 samples is noise.
     chunks = list(order.split(batch_size))
-    if len(chunks) > 1 and len(chunks[-1]) < batch_size // 2:
+    if len(chunks) > 1 and len(chunks[-1]) < max(2, batch_size // 2):
         chunks.pop()
     return chunks
 
@@ -191,8 +194,13 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         if has_acc:
             metrics["train_acc"] = correct.item() / seen
         model.eval()
-        with torch.no_grad(), autocast(device):
+        # Validation in fp32 even on CUDA: these numbers choose cells and must not depend on bf16.
+        with torch.no_grad():
             metrics.update(validate())
+        bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if bad:
+            raise Diverged(f"{stage}: {bad[0]} became {metrics[bad[0]]} in epoch {epoch}; "
+                           f"lower the learning rate or check the data")
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
         print(f"{stage} epoch {epoch}/{epochs}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
@@ -203,10 +211,12 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
 
 @torch.no_grad()
 def predict(fn: Callable[[torch.Tensor], torch.Tensor], images_u8: torch.Tensor, batch_size: int,
-            device: torch.device) -> torch.Tensor:
-    """Apply `fn` to float images batch by batch; returns the concatenated fp32 outputs."""
+            device: torch.device, mixed_precision: bool = False) -> torch.Tensor:
+    """Apply `fn` to float images batch by batch; returns the concatenated fp32 outputs.
+
+    fp32 unless asked: test scores feed ROC curves, where bf16 rounding would create ties."""
     outs = []
-    with autocast(device):
+    with autocast(device) if mixed_precision else contextlib.nullcontext():
         for chunk in images_u8.split(batch_size):
             outs.append(fn(as_float(chunk)).float())
     return torch.cat(outs)

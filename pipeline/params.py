@@ -35,9 +35,16 @@ def pos_int(name, v):
     return v
 
 
-def nonneg_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise _bad(name, v, "must be an integer >= 0")
+def seed_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**32 - 1:
+        raise _bad(name, v, "must be an integer from 0 to 2**32 - 2")
+    return v
+
+
+def batch_int(name, v):
+    """Classifier batches feed a BatchNorm, which needs two samples."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+        raise _bad(name, v, "must be an integer >= 2")
     return v
 
 
@@ -166,7 +173,7 @@ class ProbeParams:
     head: str = _field(choice(*HEADS), "linear")
     optimizer: str = _field(choice(*OPTIMIZERS), "lars")
     epochs: int = _field(pos_int)
-    batch_size: int = _field(pos_int)
+    batch_size: int = _field(batch_int)
     lr: float = _field(pos_float)
     weight_decay: float = _field(nonneg_float, 0.0)
     warmup_epochs: float = _field(nonneg_float, 0.0)
@@ -178,7 +185,7 @@ class FinetuneParams:
     head: str = _field(choice(*HEADS), "linear")
     optimizer: str = _field(choice(*OPTIMIZERS), "adamw")
     epochs: int = _field(pos_int)
-    batch_size: int = _field(pos_int)
+    batch_size: int = _field(batch_int)
     lr_encoder: float = _field(pos_float)
     lr_head: float = _field(pos_float)
     weight_decay: float = _field(nonneg_float, 0.05)
@@ -193,7 +200,7 @@ class MlflowParams:
 
 @dataclass(frozen=True, kw_only=True)
 class Params:
-    seed: int = _field(nonneg_int)
+    seed: int = _field(seed_int)
     device: str = _field(choice(*DEVICES))
     patch: Any = _field(auto_or(pos_int))
     mask_ratio: Any = _field(auto_or(fraction))
@@ -211,7 +218,8 @@ class Params:
 
 
 def cell_name(patch: int, mask_ratio: float) -> str:
-    return f"p{patch}-m{mask_ratio:g}"
+    # str(), not a rounding format: it must match the text DVC puts into dvc.yaml's paths.
+    return f"p{patch}-m{mask_ratio}"
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -283,9 +291,19 @@ def validate(p: Params) -> Params:
     for pin, options in (("patch", p.grid.patch), ("mask_ratio", p.grid.mask_ratio)):
         value = getattr(p, pin)
         if value != "auto" and value not in options:
-            shown = ", ".join(f"{x:g}" for x in options)
+            shown = ", ".join(f"{x}" for x in options)
             raise UserError(f"params: {pin} = {value!r}: not in grid.{pin} [{shown}]; "
                             f"use one of those or auto")
+    if p.pretrain.loss == "norm_pix":
+        if p.select.metric == "val_mse":
+            raise UserError("params: select.metric = 'val_mse' with pretrain.loss = 'norm_pix': a norm_pix "
+                            "model predicts each patch only up to its own mean/std, so its pixel MSE needs the "
+                            "hidden patch's statistics and is no fair yardstick; use select.metric: val_loss")
+        channels = 3 if p.data.dataset == "cifar10" else 1
+        small = [x for x in p.grid.patch if x * x * channels < 2]
+        if small:
+            raise UserError(f"params: grid.patch = {small[0]}: norm_pix normalises each patch by its own "
+                            f"std, which needs at least 2 pixels per patch")
     m = p.model
     if m.dim % 4:
         raise UserError(f"params: model.dim = {m.dim}: must be a multiple of 4 (2-D sin-cos positions)")

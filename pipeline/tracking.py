@@ -97,6 +97,10 @@ def start(experiment: str, stage: str, params: dict[str, Any], dataset: str,
     mlflow.set_tracking_uri(uri)
     try:
         with _store_lock(uri):
+            if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
+                # MLflow's default artifact root is ./mlruns under the *current* directory, which
+                # inside `dvc exp run --queue` is a throwaway copy: pin it to the repo root.
+                mlflow.create_experiment(experiment, artifact_location=(repo_root() / "mlruns").as_uri())
             mlflow.set_experiment(experiment)
     except Exception as e:  # noqa: BLE001 - any store failure is one line for the user
         raise UserError(f"mlflow: cannot use tracking store {uri} ({type(e).__name__}: "

@@ -166,6 +166,20 @@ def test_data_stage_on_a_corrupt_local_copy_writes_nothing(tmp_path):
     assert not (tmp_path / "data" / "prepared").exists()
 
 
+def test_checksum_of_a_corrupt_gzip_is_a_clear_error(tmp_path):
+    write_idx_dataset(tmp_path / "fashion_mnist")
+    (tmp_path / "fashion_mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b truncated")
+    with pytest.raises(UserError, match="is corrupt"):
+        data.prepare("fashion_mnist", 28, 0.25, 0, tmp_path, verify_checksums=True, download=False)
+
+
+def test_labels_out_of_range_are_corrupt(tmp_path):
+    arrays = write_idx_dataset(tmp_path / "mnist")
+    write_idx(tmp_path / "mnist" / data.IDX_FILES["test_labels"], arrays["test_labels"] + 5)
+    with pytest.raises(UserError, match="test labels run from 5 to 14; expected 0..9"):
+        data.prepare("mnist", 28, 0.25, 0, tmp_path, verify_checksums=False, download=False)
+
+
 @pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed "
                                                        "(apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_from_debian_passes_checksums(tmp_path):

@@ -18,11 +18,11 @@ def test_lars_step_matches_hand_computation():
     update = torch.tensor([[0.3, 1.4]])             # grad + 0.1 * w
     ratio = 0.001 * 5.0 / update.norm()
     assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * ratio * update)
-    assert torch.allclose(b.detach(), torch.tensor([0.0]))   # 1-D: plain momentum SGD, no decay
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 0.001 * 2.0]))  # 1-D: lr * trust, no decay
     # Second step: momentum accumulates.
     w.grad, b.grad = torch.zeros_like(w), torch.tensor([2.0])
     opt.step()
-    assert torch.allclose(b.detach(), torch.tensor([0.0 - 0.5 * (0.9 * 2.0 + 2.0)]))
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 0.001 * (2.0 + 0.9 * 2.0 + 2.0)]))
 
 
 def test_warmup_cosine():

@@ -29,7 +29,7 @@ BAD = [
     ({"mask_ratio": 0.6}, "mask_ratio = 0.6: not in grid.mask_ratio [0.5, 0.75]"),
     ({"pretrain.epochs": 0}, "pretrain.epochs = 0: must be a positive integer"),
     ({"finetune.epochs": -3}, "finetune.epochs = -3: must be a positive integer"),
-    ({"probe.batch_size": 0}, "probe.batch_size = 0: must be a positive integer"),
+    ({"pretrain.batch_size": 0}, "pretrain.batch_size = 0: must be a positive integer"),
     ({"pretrain.batch_size": 12.5}, "pretrain.batch_size = 12.5: must be a positive integer"),
     ({"pretrain.epochs": True}, "pretrain.epochs = True: must be a positive integer"),
     ({"pretrain.lr": "fast"}, "pretrain.lr = 'fast': must be a positive number"),
@@ -41,6 +41,11 @@ BAD = [
     ({"grid.patch": []}, "grid.patch = []: must be a non-empty list"),
     ({"grid.patch": [4, 4]}, "must not repeat a value"),
     ({"pretrain.epoch": 3}, "pretrain.epoch: unknown key"),
+    ({"seed": 2**32}, "seed = 4294967296: must be an integer from 0 to 2**32 - 2"),
+    ({"probe.batch_size": 1}, "probe.batch_size = 1: must be an integer >= 2"),
+    ({"pretrain.loss": "norm_pix"}, "select.metric = 'val_mse' with pretrain.loss = 'norm_pix'"),
+    ({"pretrain.loss": "norm_pix", "select.metric": "val_loss", "grid.patch": [1, 4]},
+     "grid.patch = 1: norm_pix normalises each patch by its own std"),
 ]
 
 

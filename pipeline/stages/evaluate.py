@@ -42,15 +42,18 @@ def run(p: Params) -> None:
     classes = [str(c) for c in d["classes"]]
     x_test = engine.to_device(d["x_test"], device)
     y_test = d["y_test"]
+    # Load and score both models before writing anything: a missing checkpoint leaves no half report.
+    classifiers = {name: checkpoint.build_classifier(checkpoint.load(MODELS / f"{name}.pt")).to(device).eval()
+                   for name in MODELS_EVALUATED}
     with tracking.start(p.mlflow.experiment, "evaluate", {"seed": p.seed, "device": p.device},
                         p.data.dataset) as run:
         results, all_curves, cms, preds = {}, {}, {}, {}
-        for name in MODELS_EVALUATED:
-            clf = checkpoint.build_classifier(checkpoint.load(MODELS / f"{name}.pt")).to(device).eval()
+        for name, clf in classifiers.items():
             probs = torch.softmax(engine.predict(clf, x_test, 512, device), dim=1).cpu().numpy().astype(np.float64)
             results[name], all_curves[name] = scores(y_test, probs, classes)
             preds[name] = probs.argmax(1)
             cms[name] = confusion_matrix(y_test, preds[name], labels=list(range(len(classes))))
+        for name in classifiers:
             rows = [{"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in all_curves[name].items()}}
                     for f in FPR_GRID]
             report.write_csv(rows, PLOTS / "evaluate" / f"roc_{name}.csv")

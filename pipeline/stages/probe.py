@@ -17,7 +17,8 @@ def run(p: Params) -> None:
     clf.encoder.eval()
     # The encoder is frozen and inputs are not augmented, so its features are computed once and
     # the head trains on them: an epoch costs a matrix multiply, not a ViT forward pass.
-    feats = {s: engine.predict(clf.features, engine.to_device(d[f"x_{s}"], device), pr.batch_size, device)
+    feats = {s: engine.predict(clf.features, engine.to_device(d[f"x_{s}"], device), pr.batch_size, device,
+                               mixed_precision=True)
              for s in ("train", "val")}
     labels = {s: engine.to_device(d[f"y_{s}"], device) for s in ("train", "val")}
     optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, pr.lr, pr.weight_decay), device)
