@@ -7,13 +7,18 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test setup data-source clean-outputs mlflow-ui
+.PHONY: run test bench setup data-source mlflow-ui
 
 run: setup
 	dvc repro
 
 test: setup
 	pytest -q
+
+# A benchmark, not a test: maepipe's loop against the usual DataLoader loop (pipeline/bench.py).
+bench: setup
+	dvc repro data
+	python -m pipeline.bench
 
 setup: $(STAMP) data-source
 

@@ -2,9 +2,11 @@
 `dvc plots diff`, and the MLflow store they leave behind. No mocks."""
 import json
 import socket
+import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from conftest import cli, make_repo, sh, tiny_params, write_params
@@ -195,3 +197,15 @@ def test_missing_upstream_output_is_a_clear_error(tiny_repo):
     out = cli(tiny_repo, "probe")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "prepared file data/prepared/digits.npz is missing" in out.stderr
+
+
+def test_bench_runs_and_writes_its_table(tiny_repo):
+    """`make bench` must not rot; its numbers are not asserted (a benchmark, not a timed test)."""
+    assert cli(tiny_repo, "data").returncode == 0
+    out = sh([sys.executable, "-m", "pipeline.bench", "--steps", "1", "--patches", "4,8"], tiny_repo)
+    result = json.loads((tiny_repo / "bench" / "results-cpu.json").read_text())
+    assert [r["what"] for r in result["rows"]] == ["MAE pretrain p4-m0.5", "MAE pretrain p8-m0.5",
+                                                   "probe epoch p8", "finetune epoch p8"]
+    assert all(r["naive_img_s"] > 0 and r["maepipe_img_s"] > 0 for r in result["rows"])
+    assert result["rows"][0]["gflop_per_img"] > 0 and result["torch"] == torch.__version__
+    assert "x" in out.stdout and "results-cpu.json" in out.stdout

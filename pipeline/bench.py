@@ -1,0 +1,265 @@
+"""`make bench`: maepipe's training loop against the usual one, same model, same data, one run.
+
+The reference ("naive") loop is the way most tutorials train: a torchvision-style Dataset that
+turns each uint8 image into a PIL image and through `ToTensor`, a DataLoader with batch 256, fp32
+eager, `loss.item()` every step. maepipe's loop keeps the uint8 split on the device, indexes
+batches there, runs bf16 autocast on CUDA and reads the loss once per epoch (engine.fit).
+
+Throughput is steady state: each measurement follows a warm-up. Results go to stdout as a table
+and to bench/results-<device>.json. Not a test: numbers depend on the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import data, engine, params as params_mod
+from .errors import UserError
+from .model import MAE, Classifier, Encoder, ViTConfig
+
+BATCH = 256
+# Dense bf16 peak of the GPUs we know, for model FLOPs utilisation (MFU).
+PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12, "H200": 989.4e12,
+             "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+class PILDataset(Dataset):
+    """What torchvision's MNIST-style datasets do per item: uint8 -> PIL -> ToTensor."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        from torchvision import transforms
+
+        self.images, self.labels = images, labels
+        self.to_tensor = transforms.ToTensor()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        img = self.images[i]
+        pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+        return self.to_tensor(pil), int(self.labels[i])
+
+
+def _naive_throughput(step, images, labels, device, steps: int, warmup: int) -> float:
+    loader = DataLoader(PILDataset(images, labels), batch_size=BATCH, shuffle=True, drop_last=True,
+                        num_workers=0)
+    it = iter(loader)
+    for _ in range(warmup):
+        x, y = next(it)
+        step(x.to(device), y.to(device)).item()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        x, y = next(it)
+        step(x.to(device), y.to(device)).item()  # the per-step host sync of the usual loop
+    _sync(device)
+    return steps * BATCH / (time.perf_counter() - start)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _fit_throughput(run_epoch, n: int, device, repeats: int = 1) -> float:
+    with contextlib.redirect_stdout(io.StringIO()):  # engine.fit's per-epoch line
+        run_epoch()  # warm-up: allocator, kernels, autotuning
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            run_epoch()
+        _sync(device)
+    return repeats * n / (time.perf_counter() - start)
+
+
+def flops_per_image(model_step, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        model_step(x)
+    return counter.get_total_flops() / len(x)
+
+
+def bench_pretrain(p, d, patch: int, mask: float, device, steps: int) -> dict:
+    cfg = ViTConfig(p.data.image_size, d["x_train"].shape[1], patch, p.model.dim, p.model.depth, p.model.heads,
+                    p.model.mlp_ratio, tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+
+    def make():
+        torch.manual_seed(0)
+        mae = MAE(cfg, mask, p.model.decoder_dim, p.model.decoder_depth, p.model.decoder_heads).to(device)
+        return mae, torch.optim.AdamW(mae.parameters(), lr=1e-4)
+
+    n = steps * BATCH
+    images, labels = d["x_train"][:n + 4 * BATCH], d["y_train"][:n + 4 * BATCH]
+
+    mae, opt = make()
+
+    def naive_step(x, _y):
+        loss = mae(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    naive = _naive_throughput(naive_step, images, labels, device, steps, warmup=2)
+
+    mae, _ = make()
+    opt = engine.make_optimizer("adamw", engine.param_groups(mae, 1e-4, 0.05), device)
+    x_dev = engine.to_device(images[:n], device)
+
+    def epoch():
+        engine.fit(stage="bench", model=mae, optimizer=opt, n_train=n, epochs=1, batch_size=BATCH,
+                   warmup_epochs=0, device=device, seed=0,
+                   step=lambda idx: engine.StepOutput(mae(engine.as_float(x_dev[idx]))["loss"]),
+                   validate=dict, on_epoch=lambda e, m: None)
+
+    fast = _fit_throughput(epoch, n, device)
+    flops = flops_per_image(lambda x: mae(x)["loss"].backward(), engine.as_float(x_dev[:8]))
+    return {"fast": fast, "naive": naive, "flops_per_image": flops}
+
+
+def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool) -> dict:
+    """Fine-tune (frozen=False) or probe (frozen=True) throughput at `patch`."""
+    cfg = ViTConfig(p.data.image_size, d["x_train"].shape[1], patch, p.model.dim, p.model.depth, p.model.heads,
+                    p.model.mlp_ratio, tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+    classes = len(d["classes"])
+
+    def make():
+        torch.manual_seed(0)
+        clf = Classifier(Encoder(cfg), classes, pool=p.model.pool).to(device)
+        if frozen:
+            clf.encoder.requires_grad_(False).eval()
+        trainable = clf.head if frozen else clf
+        return clf, trainable
+
+    n = steps * BATCH
+    images, labels = d["x_train"][:n + 4 * BATCH], d["y_train"][:n + 4 * BATCH]
+    clf, trainable = make()
+    opt = torch.optim.AdamW(trainable.parameters(), lr=1e-4)
+
+    def naive_step(x, y):
+        if frozen:
+            with torch.no_grad():
+                feats = clf.features(x)
+            logits = clf.head(feats)
+        else:
+            logits = clf(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+
+    naive = _naive_throughput(naive_step, images, labels, device, steps, warmup=2)
+
+    clf, trainable = make()
+    opt = engine.make_optimizer("adamw", engine.param_groups(trainable, 1e-4, 0.0), device)
+    x_dev, y_dev = engine.to_device(images[:n], device), engine.to_device(labels[:n], device)
+    if frozen:
+        # maepipe's probe: features once, then the head trains on them (see stages/probe.py).
+        def epoch():
+            feats = engine.predict(clf.features, x_dev, BATCH, device, mixed_precision=True)
+            engine.fit_classifier(stage="bench", module=clf.head, forward=clf.head, optimizer=opt, x_train=feats,
+                                  y_train=y_dev, x_val=feats[:BATCH], y_val=y_dev[:BATCH], epochs=1,
+                                  batch_size=BATCH, warmup_epochs=0, device=device, seed=0,
+                                  on_epoch=lambda e, m: None)
+    else:
+        def epoch():
+            engine.fit_classifier(stage="bench", module=clf, forward=lambda u8: clf(engine.as_float(u8)),
+                                  optimizer=opt, x_train=x_dev, y_train=y_dev, x_val=x_dev[:BATCH],
+                                  y_val=y_dev[:BATCH], epochs=1, batch_size=BATCH, warmup_epochs=0,
+                                  device=device, seed=0, on_epoch=lambda e, m: None)
+    fast = _fit_throughput(epoch, n, device)
+    return {"fast": fast, "naive": naive}
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+
+
+def peak_flops(name: str) -> float | None:
+    for key, value in PEAK_BF16.items():
+        if key in name:
+            return value
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--steps", type=int, default=None, help="timed batches per row (default: 8 CPU, 50 CUDA)")
+    ap.add_argument("--patches", default="2,4,7,14")
+    ap.add_argument("--out", default="bench")
+    args = ap.parse_args(argv)
+    try:
+        p = params_mod.load(args.params)
+        device = engine.setup(p.device, p.seed)
+        path = Path("data/prepared") / f"{p.data.dataset}.npz"
+        d = data.load_prepared(path)
+        patches = [int(x) for x in args.patches.split(",")]
+        for patch in patches:
+            params_mod.check_cell(p, patch, 0.5, what="bench")
+    except UserError as e:
+        print(f"maepipe: error: {e}", file=sys.stderr)
+        return 2
+    steps = args.steps or (50 if device.type == "cuda" else 8)
+    if len(d["x_train"]) < (steps + 4) * BATCH:
+        print(f"maepipe: error: bench needs {(steps + 4) * BATCH} training images, {path} has "
+              f"{len(d['x_train'])}; lower --steps", file=sys.stderr)
+        return 2
+    name = device_name(device)
+    precision = "bf16 autocast (maepipe) / fp32 (naive)" if device.type == "cuda" else "fp32"
+    peak = peak_flops(name) if device.type == "cuda" else None
+    rows = []
+    for patch in patches:
+        r = bench_pretrain(p, d, patch, 0.5, device, steps)
+        achieved = r["fast"] * r["flops_per_image"]
+        rows.append({"what": f"MAE pretrain p{patch}-m0.5", "naive_img_s": r["naive"], "maepipe_img_s": r["fast"],
+                     "ratio": r["fast"] / r["naive"], "gflop_per_img": r["flops_per_image"] / 1e9,
+                     "achieved_tflop_s": achieved / 1e12, "mfu": achieved / peak if peak else None})
+        print(_fmt_row(rows[-1]), flush=True)
+    ft_patch = p.patch if p.patch != "auto" else patches[-1]
+    for what, frozen in (("probe", True), ("finetune", False)):
+        r = bench_classifier(p, d, ft_patch, device, steps, frozen)
+        rows.append({"what": f"{what} epoch p{ft_patch}", "naive_img_s": r["naive"], "maepipe_img_s": r["fast"],
+                     "ratio": r["fast"] / r["naive"], "gflop_per_img": None, "achieved_tflop_s": None, "mfu": None})
+        print(_fmt_row(rows[-1]), flush=True)
+    result = {"device": name, "device_type": device.type, "torch": torch.__version__, "precision": precision,
+              "threads": torch.get_num_threads(), "batch_size": BATCH, "timed_batches": steps,
+              "dataset": p.data.dataset,
+              "model": {"dim": p.model.dim, "depth": p.model.depth, "heads": p.model.heads,
+                        "decoder_dim": p.model.decoder_dim, "decoder_depth": p.model.decoder_depth},
+              "peak_bf16_flop_s": peak, "rows": rows}
+    slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    out = Path(args.out) / f"results-{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{name} ({device.type}), torch {torch.__version__}, {precision}, {torch.get_num_threads()} threads"
+          f" -> {out}")
+    return 0
+
+
+def _fmt_row(r: dict) -> str:
+    extra = f"  {r['gflop_per_img'] * 1e3:7.2f} MFLOP/img" if r["gflop_per_img"] else ""
+    if r["mfu"] is not None:
+        extra += f"  MFU {100 * r['mfu']:.1f}%"
+    return (f"{r['what']:<26} naive {r['naive_img_s']:9.0f} img/s   maepipe {r['maepipe_img_s']:9.0f} img/s"
+            f"   x{r['ratio']:.2f}{extra}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
