@@ -8,6 +8,7 @@ import argparse
 import sys
 
 STAGES = ("data", "pretrain", "select", "probe", "finetune", "evaluate")
+DATA_PARALLEL = ("pretrain", "probe", "finetune")  # the stages that may run under torchrun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("maepipe: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if args.stage in DATA_PARALLEL:
+            from .engine import teardown
+
+            teardown()
 
 
 def _run(args) -> int:
@@ -54,6 +60,11 @@ def _run(args) -> int:
 
         print(" ".join(dvc_set_args(args.name)))
         return 0
+    from . import dist
+
+    if dist.world_size() > 1 and args.stage not in DATA_PARALLEL:
+        raise UserError(f"stage {args.stage!r} runs in one process; only {', '.join(DATA_PARALLEL)} run "
+                        f"data-parallel under torchrun")
     p = params_mod.load(args.params)
     if args.stage == "validate":
         print(f"{args.params}: ok ({len(p.cells())} grid cells)")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import dist
 from .errors import UserError
 
 
@@ -35,13 +36,25 @@ def resolve_device(name: str) -> torch.device:
 
 
 def setup(device_name: str, seed: int) -> torch.device:
-    """Seed everything and pick the device. CPU runs are bit-for-bit repeatable."""
+    """Seed everything and pick the device. CPU runs are bit-for-bit repeatable.
+
+    Under torchrun this also joins the process group (NCCL on CUDA, gloo on the CPU) and gives
+    each process its own GPU."""
     device = resolve_device(device_name)
+    if dist.world_size() > 1:
+        import torch.distributed as tdist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank())
+            torch.cuda.set_device(device)
+        if not tdist.is_initialized():
+            tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(seed)
     np.random.seed(seed)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                  else os.cpu_count() or 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # Processes on one machine share its cores instead of each claiming all of them.
+        torch.set_num_threads(max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -53,6 +66,28 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def distribute(module: nn.Module, device: torch.device) -> nn.Module:
+    """Wrap `module` in DistributedDataParallel under torchrun; unchanged in a single process.
+
+    Call the returned module in training steps so gradients are averaged across processes.
+    Buffers (BatchNorm statistics) stay per process: validation calls differ in count per rank
+    only if data did, and rank 0's copy is the one saved."""
+    if dist.world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)
+
+
+def teardown() -> None:
+    if dist.world_size() > 1:
+        import torch.distributed as tdist
+
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -163,8 +198,13 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         step: Callable[[torch.Tensor], StepOutput],
         validate: Callable[[], dict[str, float]],
         on_epoch: Callable[[int, dict[str, float]], None]) -> list[dict[str, float]]:
-    """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`."""
+    """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`.
+
+    Under torchrun every process draws the same global batches (same seed) and trains on its
+    slice of each; `step` must call a `distribute`d module so gradients are averaged, which makes
+    an update the same as one process's on the whole batch."""
     generator = torch.Generator(device=device).manual_seed(seed)
+    rank, world = dist.rank(), dist.world_size()
     steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
     scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch)))
     history = []
@@ -175,6 +215,8 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         correct = torch.zeros((), device=device)
         seen, has_acc = 0, False
         for idx in batch_indices(n_train, batch_size, device, generator):
+            if world > 1:
+                idx = idx[rank::world]
             with autocast(device):
                 out = step(idx)
             optimizer.zero_grad(set_to_none=True)
@@ -186,6 +228,12 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
                 correct += out.correct
                 has_acc = True
             seen += len(idx)
+        if world > 1:
+            import torch.distributed as tdist
+
+            totals = torch.stack([loss_sum, correct, torch.tensor(float(seen), device=device)])
+            tdist.all_reduce(totals)
+            loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
             raise Diverged(f"{stage}: the training loss became {train_loss} in epoch {epoch}; "
@@ -202,8 +250,9 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
             raise Diverged(f"{stage}: {bad[0]} became {metrics[bad[0]]} in epoch {epoch}; "
                            f"lower the learning rate or check the data")
         metrics["lr"] = optimizer.param_groups[0]["lr"]
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
-        print(f"{stage} epoch {epoch}/{epochs}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
+        if dist.is_main():
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
+            print(f"{stage} epoch {epoch}/{epochs}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
         history.append(metrics)
         on_epoch(epoch, metrics)
     return history

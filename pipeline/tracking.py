@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import dist
 from .errors import UserError
 
 # Fail fast instead of retrying a dead server for minutes.
@@ -69,27 +70,32 @@ def _store_lock(uri: str) -> Iterator[None]:
 
 
 class StageRun:
-    """A live MLflow run. Use via `start(...)`; all calls go straight to the store."""
+    """A live MLflow run. Use via `start(...)`; all calls go straight to the store.
 
-    def __init__(self, mlflow_module, run):
+    Without an MLflow module (the other processes under torchrun) every call does nothing."""
+
+    def __init__(self, mlflow_module=None, run=None):
         self._mlflow, self.run = mlflow_module, run
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
+        if self._mlflow:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        if self._mlflow:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
-        self._mlflow.log_artifact(str(path), artifact_path=folder)
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        if self._mlflow:
+            self._mlflow.log_artifact(str(path), artifact_path=folder)
 
 
 @contextlib.contextmanager
 def start(experiment: str, stage: str, params: dict[str, Any], dataset: str,
           cell: str | None = None) -> Iterator[StageRun]:
+    if not dist.is_main():
+        yield StageRun()
+        return
     uri = tracking_uri()
     _check_reachable(uri)
     import mlflow

@@ -1,5 +1,5 @@
 """Stage `finetune`: pretrained encoder + new head trained end to end (separate learning rates)."""
-from .. import checkpoint, data, engine, report, tracking
+from .. import checkpoint, data, dist, engine, report, tracking
 from ..model import Classifier
 from ..params import Params, flatten
 from . import METRICS, MODELS, PLOTS, prepared_path
@@ -25,11 +25,14 @@ def run(p: Params) -> None:
             curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}})
             run.log_epoch(epoch, metrics)
 
-        history = engine.fit_classifier(stage="finetune", module=clf, forward=lambda u8: clf(engine.as_float(u8)),
+        net = engine.distribute(clf, device)
+        history = engine.fit_classifier(stage="finetune", module=clf, forward=lambda u8: net(engine.as_float(u8)),
                                         optimizer=optimizer, x_train=x["train"], y_train=y["train"],
                                         x_val=x["val"], y_val=y["val"], epochs=ft.epochs,
                                         batch_size=ft.batch_size, warmup_epochs=ft.warmup_epochs,
                                         device=device, seed=p.seed, on_epoch=on_epoch)
+        if not dist.is_main():
+            return
         final = {k: history[-1][k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}
         checkpoint.save(MODELS / "finetune.pt", checkpoint.classifier_payload(clf, head, stage="finetune"))
         report.write_json(final, METRICS / "finetune.json")

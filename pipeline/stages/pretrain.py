@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from .. import checkpoint, data, engine, report, tracking
+from .. import checkpoint, data, dist, engine, report, tracking
 from ..errors import UserError
 from ..model import MAE, ViTConfig, masked_pixel_sse, unpatchify
 from ..params import Params, cell_name, check_cell, flatten
@@ -34,9 +34,10 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     decoder = {"decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "decoder_heads": m.decoder_heads}
     mae = MAE(cfg, mask_ratio, loss=pt.loss, **decoder).to(device)
     optimizer = engine.make_optimizer("adamw", engine.param_groups(mae, pt.lr, pt.weight_decay), device)
+    net = engine.distribute(mae, device)
 
     def step(idx):
-        return engine.StepOutput(mae(engine.as_float(x_train[idx]))["loss"])
+        return engine.StepOutput(net(engine.as_float(x_train[idx]))["loss"])
 
     def validate():
         # The same masks every epoch and for every run: the curve moves only because the model does.
@@ -67,6 +68,8 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
                              warmup_epochs=pt.warmup_epochs, device=device, seed=p.seed, step=step,
                              validate=validate, on_epoch=on_epoch)
         seconds = time.perf_counter() - start
+        if not dist.is_main():
+            return
         final = history[-1]
         metrics = {"patch": patch, "mask_ratio": mask_ratio, "train_loss": final["train_loss"],
                    "val_loss": final["val_loss"], "val_mse": final["val_mse"]}

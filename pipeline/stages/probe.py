@@ -1,5 +1,5 @@
 """Stage `probe`: frozen pretrained encoder + a new head (LARS, warm-up + cosine)."""
-from .. import checkpoint, data, engine, report, tracking
+from .. import checkpoint, data, dist, engine, report, tracking
 from ..model import Classifier
 from ..params import Params, flatten
 from . import METRICS, MODELS, PLOTS, prepared_path
@@ -30,11 +30,14 @@ def run(p: Params) -> None:
             curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "val_loss", "val_acc")}})
             run.log_epoch(epoch, metrics)
 
-        history = engine.fit_classifier(stage="probe", module=clf.head, forward=clf.head, optimizer=optimizer,
+        history = engine.fit_classifier(stage="probe", module=clf.head, forward=engine.distribute(clf.head, device),
+                                        optimizer=optimizer,
                                         x_train=feats["train"], y_train=labels["train"], x_val=feats["val"],
                                         y_val=labels["val"], epochs=pr.epochs, batch_size=pr.batch_size,
                                         warmup_epochs=pr.warmup_epochs, device=device, seed=p.seed,
                                         on_epoch=on_epoch)
+        if not dist.is_main():
+            return
         final = {k: history[-1][k] for k in ("train_loss", "val_loss", "val_acc")}
         checkpoint.save(MODELS / "probe.pt", checkpoint.classifier_payload(clf, head, stage="probe"))
         report.write_json(final, METRICS / "probe.json")
