@@ -56,7 +56,15 @@ class PILDataset(Dataset):
         return self.to_tensor(pil), int(self.labels[i])
 
 
-def _naive_throughput(step, images, labels, device, steps: int, warmup: int) -> float:
+def _naive_throughput(loss_fn, optimizer, images, labels, device, steps: int, warmup: int = 2) -> float:
+    """The usual loop around `loss_fn(x, y)`: DataLoader, fp32, `loss.item()` every step."""
+    def step(x, y):
+        loss = loss_fn(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss
+
     loader = DataLoader(PILDataset(images, labels), batch_size=BATCH, shuffle=True, drop_last=True,
                         num_workers=0)
     it = iter(loader)
@@ -108,14 +116,7 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int) -> dict:
 
     mae, opt = make()
 
-    def naive_step(x, _y):
-        loss = mae(x)["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
-
-    naive = _naive_throughput(naive_step, images, labels, device, steps, warmup=2)
+    naive = _naive_throughput(lambda x, _y: mae(x)["loss"], opt, images, labels, device, steps)
 
     mae, _ = make()
     opt = engine.make_optimizer("adamw", engine.param_groups(mae, 1e-4, 0.05), device)
@@ -151,20 +152,14 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool) -> dict
     clf, trainable = make()
     opt = torch.optim.AdamW(trainable.parameters(), lr=1e-4)
 
-    def naive_step(x, y):
+    def naive_loss(x, y):
         if frozen:
             with torch.no_grad():
                 feats = clf.features(x)
-            logits = clf.head(feats)
-        else:
-            logits = clf(x)
-        loss = F.cross_entropy(logits, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss
+            return F.cross_entropy(clf.head(feats), y)
+        return F.cross_entropy(clf(x), y)
 
-    naive = _naive_throughput(naive_step, images, labels, device, steps, warmup=2)
+    naive = _naive_throughput(naive_loss, opt, images, labels, device, steps)
 
     clf, trainable = make()
     opt = engine.make_optimizer("adamw", engine.param_groups(trainable, 1e-4, 0.0), device)
