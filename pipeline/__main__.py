@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--patch", type=_number(int), help="pretrain: the cell's patch size")
     parser.add_argument("--mask", type=_number(float), help="pretrain: the cell's mask ratio")
+    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                        help="probe / finetune: start from the selected MAE encoder or from random "
+                             "weights (the controls `probe_random` and `scratch`)")
     args = parser.parse_args(argv)
 
     from .errors import UserError
@@ -76,6 +79,13 @@ def _run(args) -> int:
 
         pretrain.run(p, args.patch, args.mask)
         return 0
+    if args.stage in ("probe", "finetune"):
+        import importlib
+
+        importlib.import_module(f".stages.{args.stage}", __package__).run(p, args.init)
+        return 0
+    if args.init != "pretrained":
+        raise UserError(f"--init applies to probe and finetune, not {args.stage}")
     import importlib
 
     importlib.import_module(f".stages.{args.stage}", __package__).run(p)

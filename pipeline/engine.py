@@ -197,7 +197,8 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         epochs: int, batch_size: int, warmup_epochs: float, device: torch.device, seed: int,
         step: Callable[[torch.Tensor], StepOutput],
         validate: Callable[[], dict[str, float]],
-        on_epoch: Callable[[int, dict[str, float]], None]) -> list[dict[str, float]]:
+        on_epoch: Callable[[int, dict[str, float]], None],
+        before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
     """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`.
 
     Under torchrun every process draws the same global batches (same seed) and trains on its
@@ -210,6 +211,8 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
     history = []
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
+        if before_epoch is not None:
+            before_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)

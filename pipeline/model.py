@@ -25,6 +25,9 @@ class ViTConfig:
     # self-contained.
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
+    # The patch grid the positions were learned on (0: this one). A transferred encoder keeps the
+    # old positions' meaning: see `sincos_pos_embed_2d`.
+    pos_grid: int = 0
 
     @property
     def grid(self) -> int:
@@ -46,14 +49,21 @@ class ViTConfig:
         return cls(**d)
 
 
-def sincos_pos_embed_2d(dim: int, grid: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine positions, [grid*grid, dim]: half the channels encode x, half y."""
+def sincos_pos_embed_2d(dim: int, grid: int, source_grid: int = 0) -> torch.Tensor:
+    """Fixed 2-D sine-cosine positions, [grid*grid, dim]: half the channels encode x, half y.
+
+    With `source_grid`, the positions of a `source_grid` x `source_grid` table resampled to
+    `grid` x `grid` patches covering the same image: each new patch centre is mapped into the old
+    grid's coordinates and the sin-cos function is evaluated there. That is what interpolating the
+    table would approximate, computed exactly; `source_grid == grid` gives the table itself."""
     if dim % 4:
         raise ValueError(f"dim must be a multiple of 4 for 2-D sin-cos positions, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
-                            torch.arange(grid, dtype=torch.float64), indexing="ij")
+    coords = torch.arange(grid, dtype=torch.float64)
+    if source_grid and source_grid != grid:
+        coords = (coords + 0.5) * (source_grid / grid) - 0.5
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
     ax = xs.reshape(-1, 1) * omega
     ay = ys.reshape(-1, 1) * omega
     return torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1).float()
@@ -127,7 +137,8 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch * cfg.patch * cfg.channels, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid)[None], persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid, cfg.pos_grid)[None],
+                             persistent=False)
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -241,6 +252,12 @@ def masked_pixel_sse(pixels: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     return sse, mask.sum() * target.shape[-1]
 
 
+def pooled_features(encoder: Encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """One vector per image: the CLS token or the mean of the patch tokens."""
+    tokens = encoder(images)
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
 class Classifier(nn.Module):
     """Encoder + pooled feature + head. `linear` has a non-affine BatchNorm before it (MAE paper)."""
 
@@ -261,8 +278,7 @@ class Classifier(nn.Module):
         self.head.apply(_init_weights)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder(images)
-        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
+        return pooled_features(self.encoder, images, self.pool)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))

@@ -14,12 +14,17 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .augment import AUGMENTS
 from .model import HEADS, LOSSES, POOLS, num_visible
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("lars", "sgd", "adamw")
-SELECT_METRICS = ("val_mse", "val_loss")
+# Lower is better for val_*, higher for *_acc (k-NN / closed-form probe on frozen val features).
+SELECT_METRICS = ("val_mse", "val_loss", "knn_acc", "probe_acc")
+HIGHER_IS_BETTER = ("knn_acc", "probe_acc")
+# Left-right mirroring keeps a garment or an object what it is; it turns digits into non-digits.
+MIRROR_SAFE = ("fashion_mnist", "cifar10")
 
 
 # --- field kinds -------------------------------------------------------------------------------
@@ -110,6 +115,29 @@ def list_of(item_check):
     return check
 
 
+def same_or(item_check):
+    def check(name, v):
+        return "same" if v == "same" else item_check(name, v)
+    return check
+
+
+def augment_list(name, v):
+    if not isinstance(v, list):
+        raise _bad(name, v, f"must be a list of augmentations from {', '.join(AUGMENTS)} ([] for none)")
+    for i, op in enumerate(v):
+        if op not in AUGMENTS:
+            raise _bad(f"{name}[{i}]", op, f"must be one of {', '.join(AUGMENTS)}")
+    if len(set(v)) != len(v):
+        raise _bad(name, v, "must not repeat an augmentation")
+    return tuple(v)
+
+
+def phase_list(name, v):
+    if not isinstance(v, list) or not v:
+        raise _bad(name, v, "must be a non-empty list of {epochs: N, augment: [...]} mappings")
+    return tuple(_build(Phase, item, f"{name}[{i}].") for i, item in enumerate(v))
+
+
 def auto_or(item_check):
     def check(name, v):
         return "auto" if v == "auto" else item_check(name, v)
@@ -152,8 +180,18 @@ class ModelParams:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PretrainParams:
+class Phase:
     epochs: int = _field(pos_int)
+    augment: tuple = _field(augment_list, ())
+
+    def describe(self) -> str:
+        return f"{self.epochs}x{'+'.join(self.augment) or 'none'}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainParams:
+    # Phases run back to back under one warm-up + cosine schedule: one optimiser, one curve.
+    phases: tuple = _field(phase_list)
     batch_size: int = _field(pos_int)
     lr: float = _field(pos_float)
     weight_decay: float = _field(nonneg_float)
@@ -161,6 +199,21 @@ class PretrainParams:
     loss: str = _field(choice(*LOSSES), "mse")
     train_limit: int | None = _field(opt_pos_int, None)
     val_limit: int | None = _field(opt_pos_int, None)
+    knn_k: int = _field(pos_int, 20)
+
+    @property
+    def epochs(self) -> int:
+        return sum(ph.epochs for ph in self.phases)
+
+    def phase_of(self) -> list[int]:
+        """Phase number (1-based) of every epoch (1-based index - 1)."""
+        return [i for i, ph in enumerate(self.phases, 1) for _ in range(ph.epochs)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DownstreamParams:
+    dataset: str = _field(same_or(choice(*DATASETS)), "same")
+    image_size: Any = _field(same_or(pos_int), "same")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,12 +262,21 @@ class Params:
     model: ModelParams = _field(None)
     pretrain: PretrainParams = _field(None)
     select: SelectParams = _field(None)
+    downstream: DownstreamParams = _field(None)
     probe: ProbeParams = _field(None)
     finetune: FinetuneParams = _field(None)
     mlflow: MlflowParams = _field(None)
 
     def cells(self) -> list[tuple[int, float]]:
         return [(p, m) for p in self.grid.patch for m in self.grid.mask_ratio]
+
+    @property
+    def downstream_dataset(self) -> str:
+        return self.data.dataset if self.downstream.dataset == "same" else self.downstream.dataset
+
+    @property
+    def downstream_size(self) -> int:
+        return self.data.image_size if self.downstream.image_size == "same" else self.downstream.image_size
 
 
 def cell_name(patch: int, mask_ratio: float) -> str:
@@ -230,6 +292,8 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             out.update(flatten(value, key + "."))
+        elif f.name == "phases":
+            out[key] = ",".join(ph.describe() for ph in value)
         else:
             out[key] = list(value) if isinstance(value, tuple) else value
     return out
@@ -262,7 +326,7 @@ def _build(cls, raw: Any, prefix: str):
 
 
 _SECTIONS = {"grid": GridParams, "data": DataParams, "model": ModelParams, "pretrain": PretrainParams,
-             "select": SelectParams, "probe": ProbeParams, "finetune": FinetuneParams,
+             "select": SelectParams, "downstream": DownstreamParams, "probe": ProbeParams, "finetune": FinetuneParams,
              "mlflow": MlflowParams}
 
 
@@ -282,6 +346,15 @@ def check_cell(p: Params, patch: int, mask_ratio: float, what: str = "grid") -> 
         raise UserError(f"params: {what}.mask_ratio = {mask_ratio:g}: with patch {patch} "
                         f"({patches} patches) it leaves {visible} visible; must leave at least one "
                         f"visible and one hidden patch")
+
+
+def check_downstream_size(p: Params, patch: int) -> None:
+    """The encoder's patch must tile the downstream images; its positions are resampled to that grid."""
+    size = p.downstream_size
+    if size % patch:
+        what = "downstream.image_size" if p.downstream.image_size != "same" else "data.image_size"
+        raise UserError(f"params: {what} = {size}: the selected encoder has patch {patch}, which must divide "
+                        f"the downstream image size (sizes allowed: multiples of {patch})")
 
 
 def validate(p: Params) -> Params:
@@ -304,6 +377,13 @@ def validate(p: Params) -> Params:
         if small:
             raise UserError(f"params: grid.patch = {small[0]}: norm_pix normalises each patch by its own "
                             f"std, which needs at least 2 pixels per patch")
+    for i, phase in enumerate(p.pretrain.phases):
+        if "flip" in phase.augment and p.data.dataset not in MIRROR_SAFE:
+            raise UserError(f"params: pretrain.phases[{i}].augment = {list(phase.augment)!r}: flip is not allowed "
+                            f"for {p.data.dataset} (a mirrored digit is not a digit); allowed for "
+                            f"{', '.join(MIRROR_SAFE)}")
+    if p.patch != "auto":
+        check_downstream_size(p, p.patch)
     m = p.model
     if m.dim % 4:
         raise UserError(f"params: model.dim = {m.dim}: must be a multiple of 4 (2-D sin-cos positions)")

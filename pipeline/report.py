@@ -78,14 +78,14 @@ def reconstruction_figure(original: np.ndarray, masked: np.ndarray, recon: np.nd
 
 
 def heatmap_figure(values: np.ndarray, rows: Sequence, cols: Sequence, chosen: tuple[int, int],
-                   title: str, path: Path) -> None:
-    """values[i, j] for patch rows[i] and mask cols[j]; the chosen cell is boxed."""
+                   title: str, path: Path, higher_is_better: bool = False) -> None:
+    """values[i, j] for patch rows[i] and mask cols[j]; the chosen cell is boxed. Better is darker."""
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 1.5, 1.0 * len(rows) + 1.0))
-    im = ax.imshow(values, cmap="viridis_r")
+    im = ax.imshow(values, cmap="viridis" if higher_is_better else "viridis_r")
     for i in range(len(rows)):
         for j in range(len(cols)):
             ax.text(j, i, f"{values[i, j]:.4f}", ha="center", va="center", fontsize=8,
-                    color="white" if values[i, j] > np.nanmean(values) else "black")
+                    color="white" if (values[i, j] < np.nanmean(values)) == higher_is_better else "black")
     ci, cj = chosen
     ax.add_patch(plt.Rectangle((cj - 0.5, ci - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
     ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
@@ -93,6 +93,24 @@ def heatmap_figure(values: np.ndarray, rows: Sequence, cols: Sequence, chosen: t
     ax.set_xlabel("mask ratio"), ax.set_ylabel("patch size")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
+    save_figure(fig, path)
+
+
+def pretrain_curve_figure(curve: Sequence[dict], phases: Sequence[str], title: str, path: Path) -> None:
+    """Train and val loss per epoch (left) and val MSE (right); dashed lines where a phase starts."""
+    epochs = [r["epoch"] for r in curve]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    axes[0].plot(epochs, [r["train_loss"] for r in curve], marker=".", label="train loss (augmented as trained)")
+    axes[0].plot(epochs, [r["val_loss"] for r in curve], marker=".", label="val loss (no augmentation)")
+    axes[1].plot(epochs, [r["val_mse"] for r in curve], marker=".", color="C2", label="val MSE, masked pixels")
+    starts = [r["epoch"] for prev, r in zip(curve, curve[1:]) if r["phase"] != prev["phase"]]
+    for ax in axes:
+        for e in starts:
+            ax.axvline(e - 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("loss")
+    fig.suptitle(f"{title}; phases {', '.join(phases)}" if len(phases) > 1 else title, fontsize=9)
     save_figure(fig, path)
 
 

@@ -24,7 +24,7 @@ def tiny_params(**overrides) -> dict:
     p["grid"] = {"patch": [4, 8], "mask_ratio": [0.5, 0.75]}
     p["data"].update(dataset="digits", image_size=16)
     p["model"].update(dim=32, depth=1, heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    p["pretrain"].update(epochs=2, batch_size=128, train_limit=None, val_limit=None)
+    p["pretrain"].update(phases=[{"epochs": 2, "augment": []}], batch_size=128, train_limit=None, val_limit=None)
     p["probe"].update(epochs=3)
     p["finetune"].update(epochs=2)
     for dotted, value in overrides.items():

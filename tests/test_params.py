@@ -9,7 +9,8 @@ from pipeline.errors import UserError
 def test_committed_params_are_valid():
     p = params.load(ROOT / "params.yaml")
     assert len(p.cells()) == 16
-    assert params.flatten(p)["pretrain.epochs"] == p.pretrain.epochs
+    assert params.flatten(p)["pretrain.phases"] == "3xnone" and p.pretrain.epochs == 3
+    assert p.downstream_dataset == p.data.dataset and p.downstream_size == p.data.image_size
     assert params.cell_name(7, 0.5) == "p7-m0.5"
 
 
@@ -27,11 +28,25 @@ BAD = [
     ({"finetune.optimizer": "rmsprop"}, "finetune.optimizer = 'rmsprop'"),
     ({"patch": 2}, "patch = 2: not in grid.patch [4, 8]"),
     ({"mask_ratio": 0.6}, "mask_ratio = 0.6: not in grid.mask_ratio [0.5, 0.75]"),
-    ({"pretrain.epochs": 0}, "pretrain.epochs = 0: must be a positive integer"),
+    ({"pretrain.phases": [{"epochs": 0, "augment": []}]}, "pretrain.phases[0].epochs = 0: must be a positive integer"),
+    ({"pretrain.phases": []}, "pretrain.phases = []: must be a non-empty list"),
+    ({"pretrain.phases": ["x"]}, "pretrain.phases[0] = 'x': must be a mapping"),
+    ({"pretrain.phases": [{"epochs": 1}, {"augment": []}]}, "pretrain.phases[1].epochs: missing (required)"),
+    ({"pretrain.phases": [{"epochs": 1, "aug": []}]}, "pretrain.phases[0].aug: unknown key"),
+    ({"pretrain.phases": [{"epochs": 1, "augment": ["rotate"]}]},
+     "pretrain.phases[0].augment[0] = 'rotate': must be one of shift, crop, flip"),
+    ({"pretrain.phases": [{"epochs": 1, "augment": "crop"}]}, "pretrain.phases[0].augment = 'crop': must be a list"),
+    ({"pretrain.phases": [{"epochs": 1, "augment": []}, {"epochs": 1, "augment": ["crop", "flip"]}]},
+     "pretrain.phases[1].augment = ['crop', 'flip']: flip is not allowed for digits"),
+    ({"pretrain.knn_k": 0}, "pretrain.knn_k = 0: must be a positive integer"),
+    ({"downstream.dataset": "svhn"}, "downstream.dataset = 'svhn': must be one of fashion_mnist"),
+    ({"downstream.image_size": -1}, "downstream.image_size = -1: must be a positive integer"),
+    ({"patch": 8, "downstream.image_size": 20},
+     "downstream.image_size = 20: the selected encoder has patch 8, which must divide"),
     ({"finetune.epochs": -3}, "finetune.epochs = -3: must be a positive integer"),
     ({"pretrain.batch_size": 0}, "pretrain.batch_size = 0: must be a positive integer"),
     ({"pretrain.batch_size": 12.5}, "pretrain.batch_size = 12.5: must be a positive integer"),
-    ({"pretrain.epochs": True}, "pretrain.epochs = True: must be a positive integer"),
+    ({"pretrain.phases": [{"epochs": True}]}, "pretrain.phases[0].epochs = True: must be a positive integer"),
     ({"pretrain.lr": "fast"}, "pretrain.lr = 'fast': must be a positive number"),
     ({"model.dim": 30}, "model.dim = 30: must be a multiple of 4"),
     ({"model.heads": 3}, "model.heads = 3: must divide model.dim = 32"),
@@ -55,6 +70,16 @@ def test_bad_values_are_one_clear_error(override, message):
         params.parse(tiny_params(**override))
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_phases_and_downstream_parse():
+    p = params.parse(tiny_params(**{
+        "data.dataset": "fashion_mnist", "data.image_size": 16,
+        "pretrain.phases": [{"epochs": 2}, {"epochs": 3, "augment": ["crop", "flip", "shift"]}],
+        "downstream.dataset": "cifar10", "downstream.image_size": 32, "select.metric": "knn_acc"}))
+    assert p.pretrain.epochs == 5 and p.pretrain.phase_of() == [1, 1, 2, 2, 2]
+    assert params.flatten(p)["pretrain.phases"] == "2xnone,3xcrop+flip+shift"
+    assert p.downstream_dataset == "cifar10" and p.downstream_size == 32
 
 
 def test_missing_section_and_key():
@@ -105,7 +130,7 @@ def test_seed_preset_is_valid_and_sized_like_the_seeds():
             node = node[k]
         node[last] = value
     p = params.parse(raw)
-    assert p.pretrain.epochs == 10 and p.pretrain.batch_size == 256 and p.pretrain.lr == 3e-4
+    assert p.pretrain.epochs == 10 and p.pretrain.phases[0].augment == () and p.pretrain.batch_size == 256 and p.pretrain.lr == 3e-4
     assert p.finetune.lr_encoder == 9.5e-5 and p.finetune.lr_head == 8e-4 and p.finetune.epochs == 10
     enc = Encoder(ViTConfig(28, 1, 7, p.model.dim, p.model.depth, p.model.heads))
     assert 6.0e6 < count_parameters(enc) < 7.0e6

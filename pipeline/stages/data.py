@@ -1,16 +1,29 @@
-"""Stage `data`: obtain the dataset, verify it, write fixed train/val/test splits."""
+"""Stage `data`: obtain the pretraining and downstream datasets, verify them, write fixed splits."""
 from pathlib import Path
 
 from .. import data, tracking
+from ..fsutil import write_bytes
 from ..params import Params, flatten
-from . import prepared_path
+from . import DOWNSTREAM_DATA, PRETRAIN_DATA
+
+
+def _prepare(p: Params, dataset: str, size: int) -> dict:
+    return data.prepare(dataset, size, p.data.val_fraction, p.seed, Path(p.data.raw_dir),
+                        p.data.verify_checksums, p.data.train_limit, p.data.test_limit)
 
 
 def run(p: Params) -> None:
-    with tracking.start(p.mlflow.experiment, "data", {"seed": p.seed, **flatten(p.data, "data.")},
-                        p.data.dataset) as run:
-        arrays = data.prepare(p.data.dataset, p.data.image_size, p.data.val_fraction, p.seed,
-                              Path(p.data.raw_dir), p.data.verify_checksums, p.data.train_limit,
-                              p.data.test_limit)
-        data.save_prepared(arrays, prepared_path(p))
-        run.log_metrics({f"n_{split}": len(arrays[f"y_{split}"]) for split in ("train", "val", "test")})
+    params = {"seed": p.seed, **flatten(p.data, "data."), **flatten(p.downstream, "downstream.")}
+    with tracking.start(p.mlflow.experiment, "data", params, p.data.dataset) as run:
+        # Both are prepared before either is written: a bad downstream source leaves no half output.
+        arrays = {"pretrain": _prepare(p, p.data.dataset, p.data.image_size)}
+        same = (p.downstream_dataset, p.downstream_size) == (p.data.dataset, p.data.image_size)
+        if not same:
+            arrays["downstream"] = _prepare(p, p.downstream_dataset, p.downstream_size)
+        data.save_prepared(arrays["pretrain"], PRETRAIN_DATA)
+        if same:
+            write_bytes(DOWNSTREAM_DATA, PRETRAIN_DATA.read_bytes())
+        else:
+            data.save_prepared(arrays["downstream"], DOWNSTREAM_DATA)
+        for name, a in arrays.items():
+            run.log_metrics({f"{name}_n_{split}": len(a[f"y_{split}"]) for split in ("train", "val", "test")})

@@ -1,5 +1,6 @@
 """Stage `evaluate`: test-split accuracy, ROC-AUC (per class, macro, micro), ROC curves,
-confusion matrices and a figure of predictions, for the probe and the fine-tuned model."""
+confusion matrices and a figure of predictions, for the probed and fine-tuned MAE encoder and
+the two controls: the same classifier trained from scratch, and a probe on a random encoder."""
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
@@ -7,9 +8,9 @@ from sklearn.preprocessing import label_binarize
 
 from .. import checkpoint, data, engine, report, tracking
 from ..params import Params
-from . import IMAGES, METRICS, MODELS, PLOTS, prepared_path
+from . import DOWNSTREAM_DATA, IMAGES, METRICS, MODELS, PLOTS, REPORTS
 
-MODELS_EVALUATED = ("probe", "finetune")
+MODELS_EVALUATED = ("finetune", "probe", "scratch", "probe_random")
 PREDICTION_IMAGES = 12
 # ROC curves go to DVC on one shared false-positive-rate grid (one column per class), denser
 # near zero where good classifiers do all their climbing.
@@ -38,15 +39,16 @@ def scores(y: np.ndarray, probs: np.ndarray, classes) -> tuple[dict, dict]:
 
 def run(p: Params) -> None:
     device = engine.setup(p.device, p.seed)
-    d = data.load_prepared(prepared_path(p))
+    d = data.load_prepared(DOWNSTREAM_DATA)
     classes = [str(c) for c in d["classes"]]
     x_test = engine.to_device(d["x_test"], device)
     y_test = d["y_test"]
     # Load and score both models before writing anything: a missing checkpoint leaves no half report.
     classifiers = {name: checkpoint.build_classifier(checkpoint.load(MODELS / f"{name}.pt")).to(device).eval()
                    for name in MODELS_EVALUATED}
-    with tracking.start(p.mlflow.experiment, "evaluate", {"seed": p.seed, "device": p.device},
-                        p.data.dataset) as run:
+    params = {"seed": p.seed, "device": p.device, "downstream.dataset": p.downstream_dataset,
+              "downstream.image_size": p.downstream_size}
+    with tracking.start(p.mlflow.experiment, "evaluate", params, p.downstream_dataset) as run:
         results, all_curves, cms, preds = {}, {}, {}, {}
         for name, clf in classifiers.items():
             probs = torch.softmax(engine.predict(clf, x_test, 512, device), dim=1).cpu().numpy().astype(np.float64)
@@ -61,6 +63,11 @@ def run(p: Params) -> None:
                              PLOTS / "evaluate" / f"confusion_{name}.csv")
             run.log_metrics({f"{name}_{k}": v for k, v in results[name].items() if k != "auc_per_class"})
         report.write_json(results, METRICS / "evaluate.json")
+        summary = [{"model": name, "accuracy": r["accuracy"], "auc_macro": r["auc_macro"], "auc_micro": r["auc_micro"]}
+                   for name, r in results.items()]
+        report.write_markdown_table(summary, REPORTS / "evaluate.md",
+                                    f"Test split of {p.downstream_dataset} ({len(y_test)} images, "
+                                    f"{p.downstream_size}x{p.downstream_size})")
         report.roc_figure(all_curves, IMAGES / "roc.png")
         report.confusion_figure(cms, classes, IMAGES / "confusion.png")
         pick = np.random.default_rng(p.seed).choice(len(y_test), size=min(PREDICTION_IMAGES, len(y_test)), replace=False)
@@ -68,3 +75,4 @@ def run(p: Params) -> None:
                                   classes, IMAGES / "predictions.png")
         for name in ("roc.png", "confusion.png", "predictions.png"):
             run.log_artifact(IMAGES / name)
+        run.log_artifact(REPORTS / "evaluate.md")

@@ -3,11 +3,12 @@ import time
 
 import torch
 
-from .. import checkpoint, data, dist, engine, report, tracking
+from .. import checkpoint, data, dist, engine, report, represent, tracking
+from ..augment import augment
 from ..errors import UserError
-from ..model import MAE, ViTConfig, masked_pixel_sse, unpatchify
+from ..model import MAE, ViTConfig, masked_pixel_sse, pooled_features, unpatchify
 from ..params import Params, cell_name, check_cell, flatten
-from . import IMAGES, METRICS, PLOTS, mae_path, prepared_path
+from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, mae_path
 
 FIGURE_IMAGES = 8
 
@@ -25,7 +26,7 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     check_cell(p, patch, mask_ratio)
     cell = cell_name(patch, mask_ratio)
     device = engine.setup(p.device, p.seed)
-    d = data.load_prepared(prepared_path(p))
+    d = data.load_prepared(PRETRAIN_DATA)
     # The train split is already shuffled with the seed, so a prefix is a random subset.
     x_train = engine.to_device(d["x_train"][:p.pretrain.train_limit], device)
     x_val = engine.to_device(d["x_val"][:p.pretrain.val_limit], device)
@@ -35,9 +36,15 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     mae = MAE(cfg, mask_ratio, loss=pt.loss, **decoder).to(device)
     optimizer = engine.make_optimizer("adamw", engine.param_groups(mae, pt.lr, pt.weight_decay), device)
     net = engine.distribute(mae, device)
+    phase_of = pt.phase_of()
+    current = {"ops": ()}
+    aug_gen = torch.Generator(device=device).manual_seed(p.seed + 2)
+
+    def before_epoch(epoch):
+        current["ops"] = pt.phases[phase_of[epoch - 1] - 1].augment
 
     def step(idx):
-        return engine.StepOutput(net(engine.as_float(x_train[idx]))["loss"])
+        return engine.StepOutput(net(augment(engine.as_float(x_train[idx]), current["ops"], aug_gen))["loss"])
 
     def validate():
         # The same masks every epoch and for every run: the curve moves only because the model does.
@@ -59,29 +66,55 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
         curve = []
 
         def on_epoch(epoch, metrics):
-            curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "val_loss", "val_mse")}})
-            run.log_epoch(epoch, metrics)
+            phase = phase_of[epoch - 1]
+            curve.append({"epoch": epoch, "phase": phase,
+                          **{k: metrics[k] for k in ("train_loss", "val_loss", "val_mse")}})
+            run.log_epoch(epoch, {**metrics, "phase": phase})
 
         start = time.perf_counter()
         history = engine.fit(stage=f"pretrain {cell}", model=mae, optimizer=optimizer,
                              n_train=len(x_train), epochs=pt.epochs, batch_size=pt.batch_size,
                              warmup_epochs=pt.warmup_epochs, device=device, seed=p.seed, step=step,
-                             validate=validate, on_epoch=on_epoch)
+                             validate=validate, on_epoch=on_epoch, before_epoch=before_epoch)
         seconds = time.perf_counter() - start
         if not dist.is_main():
             return
         final = history[-1]
         metrics = {"patch": patch, "mask_ratio": mask_ratio, "train_loss": final["train_loss"],
-                   "val_loss": final["val_loss"], "val_mse": final["val_mse"]}
-        run.log_metrics({"images_per_s": pt.epochs * len(x_train) / seconds, "seconds": seconds})
+                   "val_loss": final["val_loss"], "val_mse": final["val_mse"],
+                   **representation_quality(mae, d, p, device)}
+        run.log_metrics({"images_per_s": pt.epochs * len(x_train) / seconds, "seconds": seconds,
+                         "knn_acc": metrics["knn_acc"], "probe_acc": metrics["probe_acc"]})
 
         figure = IMAGES / "recon" / f"{cell}.png"
         _reconstruction_figure(mae, x_val[:FIGURE_IMAGES], device, p.seed, cell, metrics["val_mse"], figure)
         checkpoint.save(mae_path(cell), checkpoint.mae_payload(mae, decoder=decoder, cell=cell, metrics=metrics))
         report.write_json(metrics, METRICS / "pretrain" / f"{cell}.json")
         report.write_csv(curve, PLOTS / "pretrain" / f"{cell}.csv")
-        run.log_artifact(figure)
-        run.log_artifact(PLOTS / "pretrain" / f"{cell}.csv")
+        curve_figure = IMAGES / "pretrain_curve" / f"{cell}.png"
+        report.pretrain_curve_figure(curve, [ph.describe() for ph in pt.phases],
+                                     f"MAE {cell}: loss per epoch", curve_figure)
+        for path in (figure, curve_figure, PLOTS / "pretrain" / f"{cell}.csv"):
+            run.log_artifact(path)
+
+
+@torch.no_grad()
+def representation_quality(mae: MAE, d: dict, p: Params, device) -> dict[str, float]:
+    """How well the frozen encoder's features classify val images: cosine k-NN and a closed-form
+    linear probe, both fitted on the cell's training images. Labels are used here only to score
+    the cell; the encoder never saw them."""
+    mae.eval()
+    pt = p.pretrain
+    feats, labels = {}, {}
+    for split, limit in (("train", pt.train_limit), ("val", pt.val_limit)):
+        feats[split] = engine.predict(lambda x: pooled_features(mae.encoder, x, p.model.pool), engine.to_device(d[f"x_{split}"][:limit], device),
+                                      pt.batch_size, device)
+        labels[split] = engine.to_device(d[f"y_{split}"][:limit], device).long()
+    k = len(d["classes"])
+    return {"knn_acc": represent.knn_accuracy(feats["train"], labels["train"], feats["val"], labels["val"], k,
+                                              k=pt.knn_k),
+            "probe_acc": represent.ridge_probe_accuracy(feats["train"], labels["train"], feats["val"],
+                                                        labels["val"], k)}
 
 
 @torch.no_grad()

@@ -1,15 +1,19 @@
-"""Stage `probe`: frozen pretrained encoder + a new head (LARS, warm-up + cosine)."""
+"""Stage `probe`: frozen encoder + a new head (LARS, warm-up + cosine) on the downstream data.
+
+`init: random` probes an untrained encoder of the same shape: the floor any pretraining must beat."""
 from .. import checkpoint, data, dist, engine, report, tracking
 from ..model import Classifier
 from ..params import Params, flatten
-from . import METRICS, MODELS, PLOTS, prepared_path
+from . import DOWNSTREAM_DATA, METRICS, MODELS, PLOTS, downstream_encoder
+
+NAMES = {"pretrained": "probe", "random": "probe_random"}
 
 
-def run(p: Params) -> None:
+def run(p: Params, init: str = "pretrained") -> None:
+    name = NAMES[init]
     device = engine.setup(p.device, p.seed)
-    d = data.load_prepared(prepared_path(p))
-    best = checkpoint.load(MODELS / "best.pt")
-    encoder = checkpoint.encoder_from(best)
+    d = data.load_prepared(DOWNSTREAM_DATA)
+    encoder, cell = downstream_encoder(d, init)
     pr = p.probe
     head = {"num_classes": len(d["classes"]), "head": pr.head, "pool": p.model.pool, "mlp_hidden": pr.mlp_hidden}
     clf = Classifier(encoder, **head).to(device)
@@ -22,15 +26,16 @@ def run(p: Params) -> None:
              for s in ("train", "val")}
     labels = {s: engine.to_device(d[f"y_{s}"], device) for s in ("train", "val")}
     optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, pr.lr, pr.weight_decay), device)
-    params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool, **flatten(pr, "probe.")}
-    with tracking.start(p.mlflow.experiment, "probe", params, p.data.dataset, best["meta"]["cell"]) as run:
+    params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool, "init": init,
+              **flatten(p.downstream, "downstream."), **flatten(pr, "probe.")}
+    with tracking.start(p.mlflow.experiment, name, params, p.downstream_dataset, cell) as run:
         curve = []
 
         def on_epoch(epoch, metrics):
             curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "val_loss", "val_acc")}})
             run.log_epoch(epoch, metrics)
 
-        history = engine.fit_classifier(stage="probe", module=clf.head, forward=engine.distribute(clf.head, device),
+        history = engine.fit_classifier(stage=name, module=clf.head, forward=engine.distribute(clf.head, device),
                                         optimizer=optimizer,
                                         x_train=feats["train"], y_train=labels["train"], x_val=feats["val"],
                                         y_val=labels["val"], epochs=pr.epochs, batch_size=pr.batch_size,
@@ -39,8 +44,7 @@ def run(p: Params) -> None:
         if not dist.is_main():
             return
         final = {k: history[-1][k] for k in ("train_loss", "val_loss", "val_acc")}
-        checkpoint.save(MODELS / "probe.pt", checkpoint.classifier_payload(clf, head, stage="probe"))
-        report.write_json(final, METRICS / "probe.json")
-        report.write_csv(curve, PLOTS / "probe" / "curve.csv")
-        run.log_artifact(PLOTS / "probe" / "curve.csv")
-
+        checkpoint.save(MODELS / f"{name}.pt", checkpoint.classifier_payload(clf, head, stage=name, cell=cell))
+        report.write_json(final, METRICS / f"{name}.json")
+        report.write_csv(curve, PLOTS / name / "curve.csv")
+        run.log_artifact(PLOTS / name / "curve.csv")
