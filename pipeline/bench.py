@@ -203,8 +203,9 @@ def main(argv=None) -> int:
     try:
         p = params_mod.load(args.params)
         device = engine.setup(p.device, p.seed)
-        path = Path("data/prepared") / f"{p.data.dataset}.npz"
-        d = data.load_prepared(path)
+        from .stages import PRETRAIN_DATA
+
+        d = data.load_prepared(PRETRAIN_DATA)
         patches = [int(x) for x in args.patches.split(",")]
         for patch in patches:
             params_mod.check_cell(p, patch, 0.5, what="bench")

@@ -12,6 +12,7 @@ import yaml
 from conftest import cli, make_repo, sh, tiny_params, write_params
 
 CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
+DOWNSTREAM = ["probe", "probe_random", "finetune", "scratch"]
 
 
 def mlflow_runs(repo):
@@ -35,24 +36,36 @@ def repro(tmp_path_factory):
 def test_repro_runs_every_stage_and_writes_outputs(repro):
     repo, log = repro
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    expected = {"data", "select", "probe", "finetune", "evaluate"} | {f"pretrain@{c[1:].replace('-m', '-')}" for c in CELLS}
+    expected = {"data", "select", "evaluate", *DOWNSTREAM} | {f"pretrain@{c[1:].replace('-m', '-')}" for c in CELLS}
     assert set(lock) == expected
     for cell in CELLS:
         m = json.loads((repo / "metrics" / "pretrain" / f"{cell}.json").read_text())
         assert 0 < m["val_mse"] < 1 and m["val_loss"] > 0
+        # Classification of val images from frozen features: far above chance (0.1) even here.
+        assert 0.3 < m["knn_acc"] <= 1 and 0.3 < m["probe_acc"] <= 1
         curve = (repo / "plots" / "pretrain" / f"{cell}.csv").read_text().splitlines()
-        assert curve[0] == "epoch,train_loss,val_loss,val_mse" and len(curve) == 3
+        assert curve[0] == "epoch,phase,train_loss,val_loss,val_mse" and len(curve) == 3
         assert (repo / "plots" / "images" / "recon" / f"{cell}.png").stat().st_size > 1000
+        assert (repo / "plots" / "images" / "pretrain_curve" / f"{cell}.png").stat().st_size > 1000
         assert (repo / "models" / "mae" / f"{cell}.pt").is_file()
     sel = json.loads((repo / "metrics" / "select.json").read_text())
     grid = (repo / "plots" / "select" / "grid.csv").read_text().splitlines()
     assert len(grid) == 5 and "chosen" in grid[0]
     best = min(CELLS, key=lambda c: json.loads((repo / "metrics" / "pretrain" / f"{c}.json").read_text())["val_mse"])
     assert sel["cell"] == best and sel["metric"] == "val_mse"
+    cell_metrics = {c: json.loads((repo / "metrics" / "pretrain" / f"{c}.json").read_text()) for c in CELLS}
+    for view in ("knn_acc", "probe_acc"):
+        top = max(cell_metrics[c][view] for c in CELLS)
+        assert cell_metrics[sel["best_by"][view]][view] == top
+    assert sel["best_by"]["val_mse"] == best
+    for view in ("knn_acc", "probe_acc"):
+        rho = sel[f"spearman_val_mse_vs_{view}"]
+        assert rho is None or -1 <= rho <= 1
     assert (repo / "models" / "best.pt").read_bytes() == (repo / "models" / "mae" / f"{best}.pt").read_bytes()
     assert "| cell |" in (repo / "reports" / "grid.md").read_text()
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    for model in ("probe", "finetune"):
+    assert set(ev) == set(DOWNSTREAM)
+    for model in DOWNSTREAM:
         assert set(ev[model]) == {"accuracy", "auc_macro", "auc_micro", "auc_per_class"}
         assert len(ev[model]["auc_per_class"]) == 10
         assert 0 <= ev[model]["accuracy"] <= 1 and 0 <= ev[model]["auc_macro"] <= 1
@@ -60,8 +73,11 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
         assert roc[0].startswith("fpr,0,1,") and roc[0].endswith(",micro") and roc[-1].startswith("1,1,1")
         confusion = (repo / "plots" / "evaluate" / f"confusion_{model}.csv").read_text().splitlines()
         assert confusion[0] == "actual,predicted" and len(confusion) == 1 + 359
-    for name in ("roc.png", "confusion.png", "predictions.png", "grid_heatmap.png"):
+    for name in ("roc.png", "confusion.png", "predictions.png", "grid/val_mse.png", "grid/knn_acc.png",
+                 "grid/probe_acc.png"):
         assert (repo / "plots" / "images" / name).stat().st_size > 1000
+    table = (repo / "reports" / "evaluate.md").read_text()
+    assert all(f"| {m} |" in table for m in DOWNSTREAM)
     # Checkpoints, prepared data and the MLflow store stay out of git; small results go in.
     tracked = sh(["git", "ls-files"], repo).stdout.split()
     assert "metrics/select.json" in tracked and "plots/pretrain/p4-m0.5.csv" in tracked
@@ -75,8 +91,9 @@ def test_mlflow_store_has_one_run_per_stage(repro):
     names = sorted(r.info.run_name for r in runs)
     assert names == sorted(["data", "select-" + json.loads((repo / "metrics/select.json").read_text())["cell"],
                             "evaluate"] + [f"pretrain-{c}" for c in CELLS]
-                           + [n for n in names if n.startswith(("probe-", "finetune-"))])
-    assert sum(n.startswith("probe-") for n in names) == 1 and sum(n.startswith("finetune-") for n in names) == 1
+                           + [n for n in names if n.split("-")[0] in DOWNSTREAM])
+    for stage in DOWNSTREAM:
+        assert sum(n.split("-")[0] == stage for n in names) == 1, names
     head = sh(["git", "rev-list", "--max-parents=0", "HEAD"], repo).stdout.strip()
     for r in runs:
         assert r.info.status == "FINISHED"
@@ -84,12 +101,16 @@ def test_mlflow_store_has_one_run_per_stage(repro):
         assert r.data.tags["dataset"] == "digits" and r.data.tags["git_commit"] == head
     pre = next(r for r in runs if r.info.run_name == "pretrain-p4-m0.5")
     assert pre.data.tags["cell"] == "p4-m0.5"
-    assert pre.data.params["pretrain.epochs"] == "2" and pre.data.params["model.dim"] == "32"
+    assert pre.data.params["pretrain.phases"] == "2xnone" and pre.data.params["model.dim"] == "32"
+    assert 0 < pre.data.metrics["knn_acc"] <= 1 and 0 < pre.data.metrics["probe_acc"] <= 1
+    assert [m.value for m in client.get_metric_history(pre.info.run_id, "phase")] == [1, 1]
     assert pre.data.params["patch"] == "4" and pre.data.params["mask_ratio"] == "0.5"
     history = client.get_metric_history(pre.info.run_id, "val_mse")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert {"p4-m0.5.png", "p4-m0.5.csv"} <= artifacts
+    scratch = next(r for r in runs if r.info.run_name.startswith("scratch-"))
+    assert scratch.data.params["init"] == "random" and scratch.data.tags["stage"] == "scratch"
     ev = next(r for r in runs if r.info.run_name == "evaluate")
     assert {"roc.png", "confusion.png", "predictions.png"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
     assert "finetune_auc_macro" in ev.data.metrics
@@ -101,7 +122,7 @@ def test_pinning_a_cell_reruns_only_what_depends_on_it(repro):
     other = 8 if auto["patch"] == 4 else 4
     out = sh(["dvc", "exp", "run", "-n", "pinned", "-S", f"patch={other}"], repo)
     ran = [line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["select", "probe", "finetune", "evaluate"], out.stdout
+    assert ran[0] == "select" and ran[-1] == "evaluate" and sorted(ran[1:-1]) == sorted(DOWNSTREAM), out.stdout
     assert all(f"Stage 'pretrain@{c[1:].replace('-m', '-')}' didn't change, skipping" in out.stdout for c in CELLS)
     sel = json.loads((repo / "metrics" / "select.json").read_text())
     assert sel["patch"] == other and sel["cell"] != auto["cell"]
@@ -113,7 +134,7 @@ def test_pinning_a_cell_reruns_only_what_depends_on_it(repro):
     # The runs of the experiment are in the store, tagged with its name.
     _, runs = mlflow_runs(repo)
     tagged = sorted(r.data.tags["stage"] for r in runs if r.data.tags.get("dvc_exp") == "pinned")
-    assert tagged == ["evaluate", "finetune", "probe", "select"]
+    assert tagged == sorted(["evaluate", "select", *DOWNSTREAM])
     # Pinning a patch size that is not in the grid is one clear error.
     bad = sh(["dvc", "exp", "run", "-S", "patch=2"], repo, check=False)
     assert bad.returncode != 0 and "patch = 2: not in grid.patch [4, 8]" in bad.stdout + bad.stderr
@@ -128,7 +149,8 @@ def test_plots_diff_renders_between_commits(repro, tmp_path):
     sh(["dvc", "plots", "diff", "HEAD", "--json"], repo)  # parses every declared plot
     sh(["dvc", "plots", "diff", "HEAD", "-o", str(out_dir)], repo)
     html = (out_dir / "index.html").read_text()
-    for name in ("roc_finetune.csv", "confusion_probe.csv", "p4-m0.5.csv", "grid_heatmap.png", "ROC (micro-average)"):
+    for name in ("roc_finetune.csv", "roc_scratch.csv", "confusion_probe.csv", "p4-m0.5.csv", "knn_acc.png",
+                 "ROC (micro-average)", "pretrained vs from scratch"):
         assert name in html, name
 
 
@@ -196,7 +218,7 @@ def test_cpu_runs_are_identical(tiny_repo):
 def test_missing_upstream_output_is_a_clear_error(tiny_repo):
     out = cli(tiny_repo, "probe")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "prepared file data/prepared/digits.npz is missing" in out.stderr
+    assert "prepared file data/prepared/downstream.npz is missing" in out.stderr
 
 
 def test_bench_runs_and_writes_its_table(tiny_repo):
