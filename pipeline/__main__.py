@@ -37,16 +37,25 @@ def main(argv: list[str] | None = None) -> int:
                              "weights (the controls `probe_random` and `scratch`)")
     args = parser.parse_args(argv)
 
-    from .errors import UserError
+    import signal
 
+    from .errors import Terminated, UserError
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         return _run(args)
     except UserError as e:
         print(f"maepipe: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("maepipe: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("maepipe: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
     finally:
         if args.stage in DATA_PARALLEL:
             from .engine import teardown

@@ -193,6 +193,22 @@ def batch_indices(n: int, batch_size: int, device: torch.device, generator: torc
     return chunks
 
 
+PROGRESS_LOSS_EVERY = 10  # steps between loss readouts on the bar (each one is a host sync)
+
+
+def _progress(stage: str, epoch: int, epochs: int, steps: int):
+    """A tqdm bar over an epoch's steps, only for a person at a terminal: when stderr is not a TTY
+    (DVC logs, CI, a queued experiment) or on ranks other than 0, None and no host syncs."""
+    import sys
+
+    if not dist.is_main() or not sys.stderr.isatty() or os.environ.get("MAEPIPE_PROGRESS") == "0":
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc=f"{stage} epoch {epoch}/{epochs}", leave=False, unit="step",
+                dynamic_ncols=True, file=sys.stderr)
+
+
 def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_train: int,
         epochs: int, batch_size: int, warmup_epochs: float, device: torch.device, seed: int,
         step: Callable[[torch.Tensor], StepOutput],
@@ -217,7 +233,9 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen, has_acc = 0, False
-        for idx in batch_indices(n_train, batch_size, device, generator):
+        batches = batch_indices(n_train, batch_size, device, generator)
+        bar = _progress(stage, epoch, epochs, len(batches))
+        for i, idx in enumerate(batches):
             if world > 1:
                 idx = idx[rank::world]
             with autocast(device):
@@ -231,6 +249,12 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
                 correct += out.correct
                 has_acc = True
             seen += len(idx)
+            if bar is not None:
+                bar.update()
+                if i % PROGRESS_LOSS_EVERY == 0:
+                    bar.set_postfix(loss=f"{out.loss.item():.4g}", refresh=False)
+        if bar is not None:
+            bar.close()
         if world > 1:
             import torch.distributed as tdist
 

@@ -306,10 +306,14 @@ def _build(cls, raw: Any, prefix: str):
     if not isinstance(raw, dict):
         raise UserError(f"params: {where} = {raw!r}: must be a mapping of keys to values")
     known = {f.name: f for f in fields(cls)}
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise UserError(f"params: {where}: key {odd[0]!r} is not a name (allowed in {where}: {', '.join(known)})")
     unknown = sorted(set(raw) - set(known))
     if unknown:
-        raise UserError(f"params: {prefix}{unknown[0]}: unknown key (allowed in {where}: "
-                        f"{', '.join(known)})")
+        key = unknown[0]
+        shown = key if key.isprintable() and key.strip() == key != "" else repr(key)
+        raise UserError(f"params: {prefix}{shown}: unknown key (allowed in {where}: {', '.join(known)})")
     values = {}
     for name, f in known.items():
         key = f"{prefix}{name}"
@@ -404,13 +408,15 @@ def parse(raw: Any) -> Params:
 def load(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UserError(f"params: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"params: {path} is not UTF-8 text (byte {e.start}): a params file is YAML") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"params: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise UserError(f"params: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
     return parse(raw)

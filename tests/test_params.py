@@ -136,3 +136,24 @@ def test_seed_preset_is_valid_and_sized_like_the_seeds():
     assert 6.0e6 < count_parameters(enc) < 7.0e6
     args = dvc_set_args("seed")
     assert args[0] == "-S" and "pretrain.train_limit=null" in args
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "presets").glob("*.yaml")))
+def test_every_preset_is_valid_params(name):
+    from pipeline.presets import dvc_set_args, load_preset
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in load_preset(name).items():
+        *path, last = key.split(".")
+        node = raw
+        for k in path:
+            node = node[k]
+        assert last in node, f"{name}: {key} is not a key of params.yaml"
+        node[last] = value
+    params.parse(raw)
+    args = dvc_set_args(name)
+    assert args[::2] == ["-S"] * (len(args) // 2)
+    # What `dvc exp run -S key=value` does with the text: parse it as YAML.
+    for arg in args[1::2]:
+        key, text = arg.split("=", 1)
+        assert yaml.safe_load(text) == load_preset(name)[key]

@@ -231,3 +231,59 @@ def test_bench_runs_and_writes_its_table(tiny_repo):
     assert all(r["naive_img_s"] > 0 and r["maepipe_img_s"] > 0 for r in result["rows"])
     assert result["rows"][0]["gflop_per_img"] > 0 and result["torch"] == torch.__version__
     assert "x" in out.stdout and "results-cpu.json" in out.stdout
+
+
+def test_dvc_remote_round_trip_needs_no_retraining(repro, tmp_path):
+    """Push the repro's outputs to a folder remote; a fresh clone pulls them and is up to date."""
+    repo, _ = repro
+    remote = tmp_path / "remote"
+    sh(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
+    sh(["git", "commit", "-qam", "add a DVC remote"], repo)
+    try:
+        sh(["dvc", "push"], repo)
+        assert any(remote.rglob("*")), "the remote is empty after dvc push"
+        clone = tmp_path / "clone"
+        sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+        sh(["dvc", "pull"], clone)
+        assert (clone / "models" / "finetune.pt").read_bytes() == (repo / "models" / "finetune.pt").read_bytes()
+        assert (clone / "data" / "prepared" / "pretrain.npz").is_file()
+        assert "up to date" in sh(["dvc", "status"], clone).stdout
+        out = sh(["dvc", "repro"], clone).stdout
+        assert "Running stage" not in out, out
+        assert not (clone / "mlflow.db").exists(), "a pulled clone retrained something"
+    finally:
+        sh(["dvc", "remote", "remove", "shared"], repo)
+        sh(["git", "commit", "-qam", "remove the DVC remote"], repo)
+
+
+def test_kill_9_mid_pretrain_then_repro_finishes_with_the_same_results(repro, tmp_path):
+    """SIGKILL the whole `dvc repro` (as an OOM killer or a lost node would) inside a pretrain
+    cell; the next `dvc repro` finishes and every metric equals the uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+
+    from conftest import env
+
+    base, _ = repro
+    repo = make_repo(tmp_path / "repo", tiny_params())
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            # The second cell has started and finished one epoch: kill in the middle of it.
+            if line.startswith("pretrain p4-m0.75 epoch 1/2"):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert not (repo / "metrics" / "pretrain" / "p4-m0.75.json").exists()
+    out = sh(["dvc", "repro"], repo).stdout
+    assert "Running stage 'pretrain@4-0.75'" in out and "Stage 'pretrain@4-0.5' didn't change" in out
+    for rel in ["metrics/select.json", "metrics/evaluate.json",
+                *[f"metrics/pretrain/{c}.json" for c in CELLS], *[f"plots/pretrain/{c}.csv" for c in CELLS]]:
+        assert (repo / rel).read_text() == (base / rel).read_text(), rel
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
