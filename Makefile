@@ -7,12 +7,14 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test bench setup data-source mlflow-ui
+.PHONY: run test bench setup data-source mlflow-ui mlflow-server team-deps browser-deps plots-html
 
 run: setup
 	dvc repro
 
-test: setup
+# The team tests (PostgreSQL tracking server, headless Chromium) need system packages: installed
+# here when we are root with apt-get; elsewhere those tests skip and say how to install them.
+test: setup team-deps browser-deps
 	pytest -q
 
 # A benchmark, not a test: maepipe's loop against the usual DataLoader loop (pipeline/bench.py).
@@ -39,3 +41,26 @@ data-source:
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
+
+# A shared tracking server: PostgreSQL + `mlflow server --serve-artifacts` on 127.0.0.1:5001,
+# everything under .mlflow-server/. Then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5001
+mlflow-server: setup team-deps
+	python -m pipeline.server
+
+APT_INSTALL = if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null) \
+	    || echo "note: could not install $(1); the tests that need it will skip"; fi
+
+team-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(call APT_INSTALL,postgresql); }
+
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser),
+# and Vega / Vega-Lite / Vega-Embed from npm for offline `dvc plots` HTML (web/plots-template.html).
+browser-deps:
+	@command -v chromium >/dev/null || { $(call APT_INSTALL,chromium); }
+	@command -v npm >/dev/null || { $(call APT_INSTALL,npm); }
+	@if [ ! -f web/plots-template.html ] && command -v npm >/dev/null; then npm ci --prefix web --silent --no-audit --no-fund || echo "note: npm ci failed; the plots browser test will skip"; fi
+
+# `dvc plots diff` as one self-contained offline page: make plots-html REVS="HEAD my-exp"
+plots-html: setup browser-deps
+	dvc plots diff $(REVS) --html-template web/plots-template.html -o dvc_plots

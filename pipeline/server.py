@@ -393,6 +393,9 @@ def running(root: Path | str, host: str = "127.0.0.1", port: int | None = None, 
         out = log_file or log
         env = dict(os.environ, PGPASSWORD=pg.password)
         env.pop("MLFLOW_TRACKING_URI", None)
+        # MLflow's job runner (GenAI scoring, trace archival: 8 more processes importing mlflow)
+        # is nothing this pipeline uses; set the variable to true to have it anyway.
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         process = subprocess.Popen(mlflow_command(pg.backend_uri, artifacts, host, port, workers), env=env,
                                    cwd=root, stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT if out else None, start_new_session=True)

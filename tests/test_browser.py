@@ -158,14 +158,15 @@ def _page(browser, **context_options):
     return page
 
 
-# The card of one metric chart on MLflow's run page: the title, the plotly plot's size, and each line
-# it drew (its on-screen size and the number of vertices of its SVG path).
+# The card of one metric chart on MLflow's run page, scrolled into view: its text, the plotly plot's
+# size, and each line it drew (its on-screen size and the number of vertices of its SVG path).
 METRIC_CHART_JS = """(name) => {
   for (const plot of document.querySelectorAll('.js-plotly-plot')) {
     let card = plot;
     while (card.parentElement && card.parentElement.querySelectorAll('.js-plotly-plot').length === 1)
       card = card.parentElement;
     if (card.innerText.trim().split('\\n')[0].trim() !== name) continue;
+    card.scrollIntoView({block: 'nearest'});
     const box = plot.getBoundingClientRect();
     const lines = [...plot.querySelectorAll('.scatterlayer path.js-line')].map(p => {
       const b = p.getBoundingClientRect();
@@ -217,6 +218,11 @@ def test_mlflow_ui_lists_the_cells_and_draws_a_metric_chart(browser, built, caps
         assert line["width"] > 50 and line["height"] > 5, chart  # the loss moved between epochs
         assert 2 <= line["vertices"] <= len(steps), (chart, steps)  # plotly may merge collinear points
         assert page.evaluate(METRIC_CHART_JS, "train_loss") is not None
+        # The app scrolls inside its own panel, so a full-page shot is the viewport: make it tall enough
+        # for all the run's charts, and bring val_mse into view in any case.
+        page.set_viewport_size({"width": VIEWPORT["width"], "height": 1500})
+        page.wait_for_timeout(500)
+        page.evaluate(METRIC_CHART_JS, "val_mse")
         _screenshot(page, "mlflow-run-metrics.png", capsys)
         uncaught = [e for e in page.errors if e.startswith("pageerror")]
         assert not uncaught, uncaught
@@ -305,10 +311,9 @@ def test_plots_diff_page_renders_offline(browser, plots_template, pinned, tmp_pa
     page.on("request", lambda r: requests.append(r.url))
     page.context.add_init_script(RECORD_VEGA_VIEWS_JS)
     page.goto(index.as_uri())
-    page.wait_for_function(
-        "ids => ids.every(id => { const d = document.getElementById(id); const c = d && d.querySelector("
-        "'canvas, svg.marks'); return c && c.getBoundingClientRect().width > 0 && window.__views['#' + id]; })",
-        arg=list(specs), timeout=60_000)
+    # Every vegaEmbed() call of the page has been made and has finished (a failed one throws here).
+    page.wait_for_function("n => Object.keys(window.__views).length === n", arg=len(specs), timeout=60_000)
+    page.evaluate("Promise.all(Object.values(window.__views)).then(() => true)")
     assert len(specs) >= 20 and set(page.evaluate("Object.keys(window.__views)")) == {f"#{d}" for d in specs}
 
     for title, series in wanted.items():
@@ -324,3 +329,10 @@ def test_plots_diff_page_renders_offline(browser, plots_template, pinned, tmp_pa
     assert not page.errors, page.errors
     _screenshot(page, "dvc-plots-diff.png", capsys)
     page.context.close()
+
+
+def test_every_plot_of_the_diff_loads(plots_template, pinned):
+    # plots_template only so that this shares the browser tests' repo and skips where they do.
+    out = sh(["dvc", "plots", "diff", "HEAD", "pinned", "--json"], pinned)
+    errors = json.loads(out.stdout).get("errors") or []
+    assert not errors, errors
