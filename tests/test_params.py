@@ -153,7 +153,10 @@ def test_every_preset_is_valid_params(name):
     params.parse(raw)
     args = dvc_set_args(name)
     assert args[::2] == ["-S"] * (len(args) // 2)
-    # What `dvc exp run -S key=value` does with the text: parse it as YAML.
+    # What `dvc exp run -S key=value` does with the text: parse it with Hydra's override grammar.
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
     for arg in args[1::2]:
-        key, text = arg.split("=", 1)
-        assert yaml.safe_load(text) == load_preset(name)[key]
+        key = arg.split("=", 1)[0]
+        assert parser.parse_override(arg).value() == load_preset(name)[key], arg
