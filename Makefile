@@ -56,10 +56,12 @@ team-deps:
 
 # Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser),
 # and Vega / Vega-Lite / Vega-Embed from npm for offline `dvc plots` HTML (web/plots-template.html).
-browser-deps:
+browser-deps: web/plots-template.html
 	@command -v chromium >/dev/null || { $(call APT_INSTALL,chromium); }
+
+web/plots-template.html: web/package.json web/package-lock.json web/plots-template.in.html web/build-template.js
 	@command -v npm >/dev/null || { $(call APT_INSTALL,npm); }
-	@if [ ! -f web/plots-template.html ] && command -v npm >/dev/null; then npm ci --prefix web --silent --no-audit --no-fund || echo "note: npm ci failed; the plots browser test will skip"; fi
+	@if command -v npm >/dev/null; then npm ci --prefix web --silent --no-audit --no-fund || echo "note: npm ci failed; the plots browser test will skip"; fi
 
 # `dvc plots diff` as one self-contained offline page: make plots-html REVS="HEAD my-exp"
 plots-html: setup browser-deps

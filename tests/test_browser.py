@@ -331,8 +331,8 @@ def test_plots_diff_page_renders_offline(browser, plots_template, pinned, tmp_pa
     page.context.close()
 
 
-def test_every_plot_of_the_diff_loads(plots_template, pinned):
-    # plots_template only so that this shares the browser tests' repo and skips where they do.
+def test_every_plot_of_the_diff_loads(browser, plots_template, pinned):
+    # browser and plots_template only so that this shares the browser tests' repo and skips where they do.
     out = sh(["dvc", "plots", "diff", "HEAD", "pinned", "--json"], pinned)
     errors = json.loads(out.stdout).get("errors") or []
     assert not errors, errors
