@@ -40,11 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     from .errors import Terminated, UserError
+    from .signals import install
 
-    def terminate(signum, frame):
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, terminate)
+    install()
     try:
         return _run(args)
     except UserError as e:

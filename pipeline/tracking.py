@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import signal
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import dist
+from .signals import held
 from .errors import UserError
 
 # Fail fast instead of retrying a dead server for minutes.
@@ -70,21 +70,6 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Hold Ctrl-C / SIGTERM until an MLflow call returns. Raised in the middle of a store write,
-    the interrupt would leave SQLite's write lock held by this process, and ending the run as
-    KILLED would then fail with "database is locked"."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 class StageRun:
     """A live MLflow run. Use via `start(...)`; all calls go straight to the store.
 
@@ -95,17 +80,17 @@ class StageRun:
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if self._mlflow:
-            with _signals_held():
+            with held():
                 self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=epoch)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         if self._mlflow:
-            with _signals_held():
+            with held():
                 self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self._mlflow:
-            with _signals_held():
+            with held():
                 self._mlflow.log_artifact(str(path), artifact_path=folder)
 
 
@@ -121,7 +106,7 @@ def start(experiment: str, stage: str, params: dict[str, Any], dataset: str,
 
     mlflow.set_tracking_uri(uri)
     try:
-        with _store_lock(uri), _signals_held():
+        with _store_lock(uri), held():
             if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(experiment) is None:
                 # MLflow's default artifact root is ./mlruns under the *current* directory, which
                 # inside `dvc exp run --queue` is a throwaway copy: pin it to the repo root.
@@ -141,19 +126,19 @@ def start(experiment: str, stage: str, params: dict[str, Any], dataset: str,
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     name = f"{stage}-{cell}" if cell else stage
-    with _signals_held():
+    with held():
         run = mlflow.start_run(run_name=name, tags=tags)
         mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
     try:
         yield StageRun(mlflow, run)
     except KeyboardInterrupt:
         # Ctrl-C or SIGTERM: the run was stopped, it did not fail.
-        with _signals_held():
+        with held():
             mlflow.end_run("KILLED")
         raise
     except BaseException:
-        with _signals_held():
+        with held():
             mlflow.end_run("FAILED")
         raise
-    with _signals_held():
+    with held():
         mlflow.end_run("FINISHED")

@@ -38,6 +38,8 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     assert cli(repo, "select").returncode == 0
     torchrun(repo, "probe")
     torchrun(repo, "finetune")
+    for stage in ("probe", "finetune"):  # the random-weight controls evaluate also scores
+        assert cli(repo, stage, "--init", "random").returncode == 0
     assert cli(repo, "evaluate").returncode == 0, "checkpoints written under torchrun must load"
     _, runs = mlflow_runs(repo)
     names = [r.info.run_name for r in runs]

@@ -236,9 +236,12 @@ def test_bench_runs_and_writes_its_table(tiny_repo):
 def test_dvc_remote_round_trip_needs_no_retraining(repro, tmp_path):
     """Push the repro's outputs to a folder remote; a fresh clone pulls them and is up to date."""
     repo, _ = repro
+    sh(["git", "checkout", "--", "."], repo)
+    sh(["dvc", "checkout", "--force"], repo)
+    assert "up to date" in sh(["dvc", "status"], repo).stdout
     remote = tmp_path / "remote"
     sh(["dvc", "remote", "add", "-d", "shared", str(remote)], repo)
-    sh(["git", "commit", "-qam", "add a DVC remote"], repo)
+    sh(["git", "commit", "-qm", "add a DVC remote", ".dvc/config"], repo)
     try:
         sh(["dvc", "push"], repo)
         assert any(remote.rglob("*")), "the remote is empty after dvc push"
@@ -253,7 +256,7 @@ def test_dvc_remote_round_trip_needs_no_retraining(repro, tmp_path):
         assert not (clone / "mlflow.db").exists(), "a pulled clone retrained something"
     finally:
         sh(["dvc", "remote", "remove", "shared"], repo)
-        sh(["git", "commit", "-qam", "remove the DVC remote"], repo)
+        sh(["git", "commit", "-qm", "remove the DVC remote", ".dvc/config"], repo)
 
 
 def test_kill_9_mid_pretrain_then_repro_finishes_with_the_same_results(repro, tmp_path):
