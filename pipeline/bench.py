@@ -85,15 +85,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _fit_throughput(run_epoch, n: int, device, repeats: int = 1) -> float:
+def _fit_throughput(run_epoch, n: int, device, repeats: int = 1) -> tuple[float, float]:
+    """(images/s in steady state, seconds the warm-up epoch took beyond a steady one: the
+    one-off cost of torch.compile, allocator and autotuning)."""
     with contextlib.redirect_stdout(io.StringIO()):  # engine.fit's per-epoch line
-        run_epoch()  # warm-up: allocator, kernels, autotuning
+        start = time.perf_counter()
+        run_epoch()  # warm-up: compile, allocator, kernels, autotuning
         _sync(device)
+        warm = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(repeats):
             run_epoch()
         _sync(device)
-    return repeats * n / (time.perf_counter() - start)
+        steady = (time.perf_counter() - start) / repeats
+    return n / steady, max(0.0, warm - steady)
 
 
 def flops_per_image(model_step, x: torch.Tensor) -> float:
@@ -102,7 +107,7 @@ def flops_per_image(model_step, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x)
 
 
-def bench_pretrain(p, d, patch: int, mask: float, device, steps: int) -> dict:
+def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on: bool) -> dict:
     cfg = ViTConfig(p.data.image_size, d["x_train"].shape[1], patch, p.model.dim, p.model.depth, p.model.heads,
                     p.model.mlp_ratio, tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
 
@@ -121,19 +126,20 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int) -> dict:
     mae, _ = make()
     opt = engine.make_optimizer("adamw", engine.param_groups(mae, 1e-4, 0.05), device)
     x_dev = engine.to_device(images[:n], device)
+    net = engine.Compiled(mae, compile_on, "bench")
 
     def epoch():
         engine.fit(stage="bench", model=mae, optimizer=opt, n_train=n, epochs=1, batch_size=BATCH,
                    warmup_epochs=0, device=device, seed=0,
-                   step=lambda idx: engine.StepOutput(mae(engine.as_float(x_dev[idx]))["loss"]),
-                   validate=dict, on_epoch=lambda e, m: None)
+                   step=lambda idx: engine.StepOutput(net(engine.as_float(x_dev[idx]))["loss"]),
+                   validate=dict, on_epoch=lambda e, m: None, compiled=net)
 
-    fast = _fit_throughput(epoch, n, device)
+    fast, warmup_s = _fit_throughput(epoch, n, device)
     flops = flops_per_image(lambda x: mae(x)["loss"].backward(), engine.as_float(x_dev[:8]))
-    return {"fast": fast, "naive": naive, "flops_per_image": flops}
+    return {"fast": fast, "naive": naive, "flops_per_image": flops, "warmup_s": warmup_s, "compiled": net.active}
 
 
-def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool) -> dict:
+def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile_on: bool) -> dict:
     """Fine-tune (frozen=False) or probe (frozen=True) throughput at `patch`."""
     cfg = ViTConfig(p.data.image_size, d["x_train"].shape[1], patch, p.model.dim, p.model.depth, p.model.heads,
                     p.model.mlp_ratio, tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
@@ -164,6 +170,7 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool) -> dict
     clf, trainable = make()
     opt = engine.make_optimizer("adamw", engine.param_groups(trainable, 1e-4, 0.0), device)
     x_dev, y_dev = engine.to_device(images[:n], device), engine.to_device(labels[:n], device)
+    net = None
     if frozen:
         # maepipe's probe: features once, then the head trains on them (see stages/probe.py).
         def epoch():
@@ -173,13 +180,16 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool) -> dict
                                   batch_size=BATCH, warmup_epochs=0, device=device, seed=0,
                                   on_epoch=lambda e, m: None)
     else:
+        net = engine.Compiled(clf, compile_on, "bench")
+
         def epoch():
-            engine.fit_classifier(stage="bench", module=clf, forward=lambda u8: clf(engine.as_float(u8)),
+            engine.fit_classifier(stage="bench", module=clf, forward=lambda u8: net(engine.as_float(u8)),
+                                  eval_forward=lambda u8: clf(engine.as_float(u8)), compiled=net,
                                   optimizer=opt, x_train=x_dev, y_train=y_dev, x_val=x_dev[:BATCH],
                                   y_val=y_dev[:BATCH], epochs=1, batch_size=BATCH, warmup_epochs=0,
                                   device=device, seed=0, on_epoch=lambda e, m: None)
-    fast = _fit_throughput(epoch, n, device)
-    return {"fast": fast, "naive": naive}
+    fast, warmup_s = _fit_throughput(epoch, n, device)
+    return {"fast": fast, "naive": naive, "warmup_s": warmup_s, "compiled": bool(net and net.active)}
 
 
 def device_name(device) -> str:
@@ -199,6 +209,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed batches per row (default: 8 CPU, 50 CUDA)")
     ap.add_argument("--patches", default="2,4,7,14")
     ap.add_argument("--out", default="bench")
+    ap.add_argument("--compile", choices=("auto", "true", "false"), default=None,
+                    help="torch.compile maepipe's step (default: params.yaml's `compile`; auto = CUDA only)")
     args = ap.parse_args(argv)
     try:
         p = params_mod.load(args.params)
@@ -214,37 +226,45 @@ def main(argv=None) -> int:
         return 2
     steps = args.steps or (50 if device.type == "cuda" else 8)
     if len(d["x_train"]) < (steps + 4) * BATCH:
-        print(f"maepipe: error: bench needs {(steps + 4) * BATCH} training images, {path} has "
+        print(f"maepipe: error: bench needs {(steps + 4) * BATCH} training images, {PRETRAIN_DATA} has "
               f"{len(d['x_train'])}; lower --steps", file=sys.stderr)
         return 2
+    setting = p.compile if args.compile is None else {"true": True, "false": False}.get(args.compile, "auto")
+    compile_on = engine.want_compile(setting, device)
     name = device_name(device)
     precision = "bf16 autocast (maepipe) / fp32 (naive)" if device.type == "cuda" else "fp32"
     peak = peak_flops(name) if device.type == "cuda" else None
     rows = []
     for patch in patches:
-        r = bench_pretrain(p, d, patch, 0.5, device, steps)
+        r = bench_pretrain(p, d, patch, 0.5, device, steps, compile_on)
         achieved = r["fast"] * r["flops_per_image"]
         rows.append({"what": f"MAE pretrain p{patch}-m0.5", "naive_img_s": r["naive"], "maepipe_img_s": r["fast"],
                      "ratio": r["fast"] / r["naive"], "gflop_per_img": r["flops_per_image"] / 1e9,
-                     "achieved_tflop_s": achieved / 1e12, "mfu": achieved / peak if peak else None})
+                     "achieved_tflop_s": achieved / 1e12, "mfu": achieved / peak if peak else None,
+                     "compiled": r["compiled"], "warmup_s": r["warmup_s"]})
         print(_fmt_row(rows[-1]), flush=True)
     ft_patch = p.patch if p.patch != "auto" else patches[-1]
     for what, frozen in (("probe", True), ("finetune", False)):
-        r = bench_classifier(p, d, ft_patch, device, steps, frozen)
+        r = bench_classifier(p, d, ft_patch, device, steps, frozen, compile_on)
         rows.append({"what": f"{what} epoch p{ft_patch}", "naive_img_s": r["naive"], "maepipe_img_s": r["fast"],
-                     "ratio": r["fast"] / r["naive"], "gflop_per_img": None, "achieved_tflop_s": None, "mfu": None})
+                     "ratio": r["fast"] / r["naive"], "gflop_per_img": None, "achieved_tflop_s": None, "mfu": None,
+                     "compiled": r["compiled"], "warmup_s": r["warmup_s"]})
         print(_fmt_row(rows[-1]), flush=True)
     result = {"device": name, "device_type": device.type, "torch": torch.__version__, "precision": precision,
+              "compile": compile_on,
               "threads": torch.get_num_threads(), "batch_size": BATCH, "timed_batches": steps,
               "dataset": p.data.dataset,
               "model": {"dim": p.model.dim, "depth": p.model.depth, "heads": p.model.heads,
                         "decoder_dim": p.model.decoder_dim, "decoder_depth": p.model.decoder_depth},
               "peak_bf16_flop_s": peak, "rows": rows}
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    if compile_on != engine.want_compile("auto", device):
+        slug += "-compile" if compile_on else "-eager"
     out = Path(args.out) / f"results-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{name} ({device.type}), torch {torch.__version__}, {precision}, {torch.get_num_threads()} threads"
+    print(f"\n{name} ({device.type}), torch {torch.__version__}, {precision}, "
+          f"torch.compile {'on' if compile_on else 'off'}, {torch.get_num_threads()} threads"
           f" -> {out}")
     return 0
 
@@ -253,6 +273,8 @@ def _fmt_row(r: dict) -> str:
     extra = f"  {r['gflop_per_img'] * 1e3:7.2f} MFLOP/img" if r["gflop_per_img"] else ""
     if r["mfu"] is not None:
         extra += f"  MFU {100 * r['mfu']:.1f}%"
+    if r["compiled"]:
+        extra += f"  compile {r['warmup_s']:.0f}s"
     return (f"{r['what']:<26} naive {r['naive_img_s']:9.0f} img/s   maepipe {r['maepipe_img_s']:9.0f} img/s"
             f"   x{r['ratio']:.2f}{extra}")
 

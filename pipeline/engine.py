@@ -90,6 +90,51 @@ def teardown() -> None:
             tdist.destroy_process_group()
 
 
+# --- the fast-path switches --------------------------------------------------------------------
+
+LR_REFERENCE_BATCH = 256
+
+
+def scaled_lr(lr: float, batch_size: int) -> float:
+    """Every lr in params.yaml is per 256 images: the optimiser steps at lr * batch / 256.
+
+    The linear scaling rule (Goyal et al. 2017; MAE's `blr`): an update averages over `batch`
+    images, so k times the batch takes k times fewer steps of k times the size and follows about
+    the same trajectory. Warm-up is counted in epochs, so it lengthens in steps by itself."""
+    return lr * batch_size / LR_REFERENCE_BATCH
+
+
+def want_compile(setting, device: torch.device) -> bool:
+    """`compile: auto` compiles on CUDA only: on the CPU inductor measured slower than eager for
+    this model (README Performance), and its compile costs half a minute per stage there."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
+class Compiled:
+    """Calls `torch.compile(module)` until compiling fails once, then the eager module for good.
+
+    torch.compile works lazily (the forward graph on the first call, the backward graph on the
+    first backward), so a failure surfaces inside a training step: `fit` catches it, calls
+    `fall_back` and redoes that step eagerly. Validation always calls `.eager`: its batches have
+    other shapes and no gradients, each of which would cost another compile."""
+
+    def __init__(self, module: nn.Module, enabled: bool, stage: str):
+        self.eager, self.stage, self.active = module, stage, enabled
+        self.fn = torch.compile(module) if enabled else module
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def fall_back(self, error: BaseException) -> None:
+        import sys
+
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        reason = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+        print(f"maepipe: note: {self.stage}: torch.compile failed ({reason}); training eagerly "
+              f"(compile: false skips the attempt)", file=sys.stderr, flush=True)
+        self.fn, self.active = self.eager, False
+
+
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device)
 
@@ -185,12 +230,15 @@ class StepOutput:
 
 def batch_indices(n: int, batch_size: int, device: torch.device, generator: torch.Generator,
                   shuffle: bool = True) -> list[torch.Tensor]:
+    """Full batches of a fresh permutation; the ragged rest is dropped (a new draw every epoch,
+    so no image is left out for good). Every step then has one shape: a compiled step compiles
+    once, and a BatchNorm never normalises a handful of samples. Fewer images than a batch: one
+    batch of all of them."""
     order = torch.randperm(n, device=device, generator=generator) if shuffle else torch.arange(n, device=device)
-    # Drop a ragged last batch smaller than half a batch: a BatchNorm on 1-2 samples is noise.
-    chunks = list(order.split(batch_size))
-    if len(chunks) > 1 and len(chunks[-1]) < max(2, batch_size // 2):
-        chunks.pop()
-    return chunks
+    full = n // batch_size
+    if full == 0:
+        return [order]
+    return list(order[:full * batch_size].split(batch_size))
 
 
 PROGRESS_LOSS_EVERY = 10  # steps between loss readouts on the bar (each one is a host sync)
@@ -214,8 +262,12 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         step: Callable[[torch.Tensor], StepOutput],
         validate: Callable[[], dict[str, float]],
         on_epoch: Callable[[int, dict[str, float]], None],
-        before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+        before_epoch: Callable[[int], None] | None = None,
+        compiled: Compiled | None = None) -> list[dict[str, float]]:
     """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`.
+
+    `compiled`: the Compiled module `step` calls, if any; a step that fails while it is still
+    compiling is redone eagerly after `fall_back`.
 
     Under torchrun every process draws the same global batches (same seed) and trains on its
     slice of each; `step` must call a `distribute`d module so gradients are averaged, which makes
@@ -225,6 +277,14 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
     steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
     scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch)))
     history = []
+
+    def forward_backward(idx):
+        with autocast(device):
+            out = step(idx)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        return out
+
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         if before_epoch is not None:
@@ -238,10 +298,13 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         for i, idx in enumerate(batches):
             if world > 1:
                 idx = idx[rank::world]
-            with autocast(device):
-                out = step(idx)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            try:
+                out = forward_backward(idx)
+            except Exception as error:  # noqa: BLE001 - only while compiling; anything else re-raises
+                if compiled is None or not compiled.active:
+                    raise
+                compiled.fall_back(error)
+                out = forward_backward(idx)
             optimizer.step()
             scheduler.step()
             loss_sum += out.loss.detach().float() * len(idx)
@@ -302,8 +365,14 @@ def fit_classifier(*, stage: str, module: nn.Module, forward: Callable[[torch.Te
                    optimizer: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor,
                    x_val: torch.Tensor, y_val: torch.Tensor, epochs: int, batch_size: int,
                    warmup_epochs: float, device: torch.device, seed: int,
-                   on_epoch: Callable[[int, dict[str, float]], None]) -> list[dict[str, float]]:
-    """Cross-entropy training of `forward` (inputs -> logits); `module` holds what is trained."""
+                   on_epoch: Callable[[int, dict[str, float]], None],
+                   eval_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   compiled: Compiled | None = None) -> list[dict[str, float]]:
+    """Cross-entropy training of `forward` (inputs -> logits); `module` holds what is trained.
+
+    `eval_forward` (default `forward`) scores the val split: the eager module when `forward`
+    goes through a Compiled one."""
+    eval_forward = eval_forward or forward
     import torch.nn.functional as F
 
     def step(idx):
@@ -312,10 +381,10 @@ def fit_classifier(*, stage: str, module: nn.Module, forward: Callable[[torch.Te
         return StepOutput(F.cross_entropy(logits, target), (logits.argmax(1) == target).sum())
 
     def validate():
-        logits = torch.cat([forward(chunk).float() for chunk in x_val.split(batch_size)])
+        logits = torch.cat([eval_forward(chunk).float() for chunk in x_val.split(batch_size)])
         return {"val_loss": F.cross_entropy(logits, y_val).item(),
                 "val_acc": (logits.argmax(1) == y_val).float().mean().item()}
 
     return fit(stage=stage, model=module, optimizer=optimizer, n_train=len(x_train), epochs=epochs,
                batch_size=batch_size, warmup_epochs=warmup_epochs, device=device, seed=seed, step=step,
-               validate=validate, on_epoch=on_epoch)
+               validate=validate, on_epoch=on_epoch, compiled=compiled)

@@ -144,6 +144,12 @@ def auto_or(item_check):
     return check
 
 
+def auto_or_bool(name, v):
+    if v == "auto" or isinstance(v, bool):
+        return v
+    raise _bad(name, v, "must be auto, true or false")
+
+
 def _field(check, default=dataclasses.MISSING):
     return dataclasses.field(default=default, metadata={"check": check})
 
@@ -255,6 +261,7 @@ class MlflowParams:
 class Params:
     seed: int = _field(seed_int)
     device: str = _field(choice(*DEVICES))
+    compile: Any = _field(auto_or_bool, "auto")
     patch: Any = _field(auto_or(pos_int))
     mask_ratio: Any = _field(auto_or(fraction))
     grid: GridParams = _field(None)

@@ -12,7 +12,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import stats
 
 
 def _check(train_x, train_y, query_x, query_y, num_classes: int) -> None:
@@ -98,4 +97,6 @@ def spearman(a, b) -> float:
     # Checked here because scipy would return nan too, but with a ConstantInputWarning.
     if len(a) < 2 or np.all(a == a[0]) or np.all(b == b[0]):
         return math.nan
+    from scipy import stats  # here, not at the top: scipy.stats costs every pretrain stage ~1 s to import
+
     return float(stats.spearmanr(a, b).statistic)

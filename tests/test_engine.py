@@ -89,7 +89,82 @@ def test_unknown_optimizer():
 def test_batch_indices_cover_each_sample_once():
     g = torch.Generator().manual_seed(0)
     chunks = engine.batch_indices(100, 32, torch.device("cpu"), g)
-    # 100 = 3 * 32 + 4: the 4-sample tail is dropped (BatchNorm on 4 samples is noise).
+    # 100 = 3 * 32 + 4: the ragged tail is dropped, so every step has one shape.
     assert [len(c) for c in chunks] == [32, 32, 32]
     assert len(set(torch.cat(chunks).tolist())) == 96
-    assert [len(c) for c in engine.batch_indices(80, 32, torch.device("cpu"), g)] == [32, 32, 16]
+    assert [len(c) for c in engine.batch_indices(80, 32, torch.device("cpu"), g)] == [32, 32]
+    # Fewer samples than a batch: one batch of all of them, not an empty epoch.
+    assert [len(c) for c in engine.batch_indices(10, 32, torch.device("cpu"), g)] == [10]
+
+
+def test_lr_is_per_256_images():
+    assert engine.scaled_lr(4e-3, 128) == 2e-3
+    assert engine.scaled_lr(4.0, 256) == 4.0
+    assert engine.scaled_lr(1e-3, 1024) == pytest.approx(4e-3)
+
+
+def test_compile_auto_is_cuda_only():
+    assert engine.want_compile("auto", torch.device("cuda")) is True
+    assert engine.want_compile("auto", torch.device("cpu")) is False
+    assert engine.want_compile(True, torch.device("cpu")) is True
+    assert engine.want_compile(False, torch.device("cuda")) is False
+
+
+# A tiny ViT classifier trained for two epochs, in a fresh process: torch.compile's caches and
+# inductor's compiler setting are per process, and each run gets its own cache directory so it
+# really compiles.
+_VIT_FIT = """
+import json, sys, torch
+from pipeline import engine
+from pipeline.model import Classifier, Encoder, ViTConfig
+torch.manual_seed(0)
+device = torch.device("cpu")
+x = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+y = (x.float().mean((1, 2, 3)) > 127.5).long()
+clf = Classifier(Encoder(ViTConfig(8, 1, 4, 16, 1, 2)), 2, pool="mean")
+opt = engine.make_optimizer("adamw", engine.param_groups(clf, 1e-3, 0.05), device)
+net = engine.Compiled(clf, sys.argv[1] == "true", "toy")
+hist = engine.fit_classifier(stage="toy", module=clf, forward=lambda u8: net(engine.as_float(u8)),
+                             eval_forward=lambda u8: clf(engine.as_float(u8)), compiled=net, optimizer=opt,
+                             x_train=x, y_train=y, x_val=x, y_val=y, epochs=2, batch_size=16,
+                             warmup_epochs=0, device=device, seed=0, on_epoch=lambda e, m: None)
+print("HISTORY", json.dumps(hist))
+"""
+
+
+def _vit_fit(compile_on: bool, tmp_path, **env):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    full_env = {**os.environ, "PYTHONPATH": str(root), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), **env}
+    proc = subprocess.run([sys.executable, "-c", _VIT_FIT, "true" if compile_on else "false"], env=full_env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY ")][-1]
+    return json.loads(line[len("HISTORY "):]), proc.stderr
+
+
+def test_compiled_training_matches_eager(tmp_path):
+    """The real inductor compile on the CPU: the same losses as eager up to float reassociation
+    (a classifier draws no random numbers inside the model, so nothing else may differ)."""
+    eager, _ = _vit_fit(False, tmp_path)
+    compiled, err = _vit_fit(True, tmp_path)
+    assert "torch.compile failed" not in err
+    for e, c in zip(eager, compiled):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-4)
+        assert c["val_loss"] == pytest.approx(e["val_loss"], rel=1e-4)
+
+
+def test_failed_compile_falls_back_to_eager(tmp_path):
+    """No working C++ compiler: inductor cannot build its kernels. One note, then eager training
+    from that same step, which gives exactly the eager run's numbers."""
+    eager, _ = _vit_fit(False, tmp_path)
+    fallback, err = _vit_fit(True, tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    notes = [ln for ln in err.splitlines() if "torch.compile failed" in ln]
+    assert len(notes) == 1 and notes[0].startswith("maepipe: note: toy: torch.compile failed ("), err[-2000:]
+    assert "compile: false" in notes[0]
+    assert fallback == eager

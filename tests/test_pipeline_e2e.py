@@ -105,6 +105,10 @@ def test_mlflow_store_has_one_run_per_stage(repro):
     assert 0 < pre.data.metrics["knn_acc"] <= 1 and 0 < pre.data.metrics["probe_acc"] <= 1
     assert [m.value for m in client.get_metric_history(pre.info.run_id, "phase")] == [1, 1]
     assert pre.data.params["patch"] == "4" and pre.data.params["mask_ratio"] == "0.5"
+    # lr in params.yaml is per 256 images; batch 128 steps at half of it.
+    lr = float(pre.data.params["pretrain.lr"])
+    assert float(pre.data.params["pretrain.lr_scaled"]) == pytest.approx(lr * 128 / 256)
+    assert pre.data.params["compile"] == "auto"
     history = client.get_metric_history(pre.info.run_id, "val_mse")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}

@@ -19,13 +19,15 @@ def run(p: Params, init: str = "pretrained") -> None:
     ft = p.finetune
     head = {"num_classes": len(d["classes"]), "head": ft.head, "pool": p.model.pool, "mlp_hidden": ft.mlp_hidden}
     clf = Classifier(encoder, **head).to(device)
-    groups = (engine.param_groups(clf.encoder, ft.lr_encoder, ft.weight_decay)
-              + engine.param_groups(clf.head, ft.lr_head, ft.weight_decay))
+    lr_encoder, lr_head = (engine.scaled_lr(lr, ft.batch_size) for lr in (ft.lr_encoder, ft.lr_head))
+    groups = (engine.param_groups(clf.encoder, lr_encoder, ft.weight_decay)
+              + engine.param_groups(clf.head, lr_head, ft.weight_decay))
     optimizer = engine.make_optimizer(ft.optimizer, groups, device)
     x = {s: engine.to_device(d[f"x_{s}"], device) for s in ("train", "val")}
     y = {s: engine.to_device(d[f"y_{s}"], device) for s in ("train", "val")}
-    params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool, "init": init,
-              **flatten(p.downstream, "downstream."), **flatten(ft, "finetune.")}
+    params = {"seed": p.seed, "device": p.device, "compile": p.compile, "model.pool": p.model.pool, "init": init,
+              **flatten(p.downstream, "downstream."), **flatten(ft, "finetune."),
+              "finetune.lr_encoder_scaled": lr_encoder, "finetune.lr_head_scaled": lr_head}
     with tracking.start(p.mlflow.experiment, name, params, p.downstream_dataset, cell) as run:
         curve = []
 
@@ -33,8 +35,9 @@ def run(p: Params, init: str = "pretrained") -> None:
             curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "train_acc", "val_loss", "val_acc")}})
             run.log_epoch(epoch, metrics)
 
-        net = engine.distribute(clf, device)
+        net = engine.Compiled(engine.distribute(clf, device), engine.want_compile(p.compile, device), name)
         history = engine.fit_classifier(stage=name, module=clf, forward=lambda u8: net(engine.as_float(u8)),
+                                        eval_forward=lambda u8: clf(engine.as_float(u8)), compiled=net,
                                         optimizer=optimizer, x_train=x["train"], y_train=y["train"],
                                         x_val=x["val"], y_val=y["val"], epochs=ft.epochs,
                                         batch_size=ft.batch_size, warmup_epochs=ft.warmup_epochs,

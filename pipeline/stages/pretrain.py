@@ -34,8 +34,9 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     m, pt = p.model, p.pretrain
     decoder = {"decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "decoder_heads": m.decoder_heads}
     mae = MAE(cfg, mask_ratio, loss=pt.loss, **decoder).to(device)
-    optimizer = engine.make_optimizer("adamw", engine.param_groups(mae, pt.lr, pt.weight_decay), device)
-    net = engine.distribute(mae, device)
+    lr = engine.scaled_lr(pt.lr, pt.batch_size)
+    optimizer = engine.make_optimizer("adamw", engine.param_groups(mae, lr, pt.weight_decay), device)
+    net = engine.Compiled(engine.distribute(mae, device), engine.want_compile(p.compile, device), f"pretrain {cell}")
     phase_of = pt.phase_of()
     current = {"ops": ()}
     aug_gen = torch.Generator(device=device).manual_seed(p.seed + 2)
@@ -60,8 +61,9 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
             pixels += n
         return {"val_loss": loss_sum.item() / len(x_val), "val_mse": (sse / pixels).item()}
 
-    params = {"seed": p.seed, "device": p.device, "patch": patch, "mask_ratio": mask_ratio,
-              **flatten(p.data, "data."), **flatten(p.model, "model."), **flatten(pt, "pretrain.")}
+    params = {"seed": p.seed, "device": p.device, "compile": p.compile, "patch": patch, "mask_ratio": mask_ratio,
+              **flatten(p.data, "data."), **flatten(p.model, "model."), **flatten(pt, "pretrain."),
+              "pretrain.lr_scaled": lr}
     with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
         curve = []
 
@@ -75,7 +77,7 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
         history = engine.fit(stage=f"pretrain {cell}", model=mae, optimizer=optimizer,
                              n_train=len(x_train), epochs=pt.epochs, batch_size=pt.batch_size,
                              warmup_epochs=pt.warmup_epochs, device=device, seed=p.seed, step=step,
-                             validate=validate, on_epoch=on_epoch, before_epoch=before_epoch)
+                             validate=validate, on_epoch=on_epoch, before_epoch=before_epoch, compiled=net)
         seconds = time.perf_counter() - start
         if not dist.is_main():
             return

@@ -25,9 +25,10 @@ def run(p: Params, init: str = "pretrained") -> None:
                                mixed_precision=True)
              for s in ("train", "val")}
     labels = {s: engine.to_device(d[f"y_{s}"], device) for s in ("train", "val")}
-    optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, pr.lr, pr.weight_decay), device)
+    lr = engine.scaled_lr(pr.lr, pr.batch_size)
+    optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, lr, pr.weight_decay), device)
     params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool, "init": init,
-              **flatten(p.downstream, "downstream."), **flatten(pr, "probe.")}
+              **flatten(p.downstream, "downstream."), **flatten(pr, "probe."), "probe.lr_scaled": lr}
     with tracking.start(p.mlflow.experiment, name, params, p.downstream_dataset, cell) as run:
         curve = []
 
