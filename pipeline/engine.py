@@ -111,27 +111,40 @@ def want_compile(setting, device: torch.device) -> bool:
 
 
 class Compiled:
-    """Calls `torch.compile(module)` until compiling fails once, then the eager module for good.
+    """Calls `torch.compile(module)` until compiling fails, then the eager module for good.
 
-    torch.compile works lazily (the forward graph on the first call, the backward graph on the
-    first backward), so a failure surfaces inside a training step: `fit` catches it, calls
-    `fall_back` and redoes that step eagerly. Validation always calls `.eager`: its batches have
-    other shapes and no gradients, each of which would cost another compile."""
+    A failure can only be a compile failure in the first training step: the backward graph is
+    lowered together with the forward one (PyTorch defers it to the first backward otherwise,
+    when DDP's gradient hooks have already fired), so the whole compile happens in the first
+    forward call, before the step has changed anything. `fit` catches it there, calls
+    `fall_back` and redoes the step eagerly; from the first completed step on (`settled`) every
+    error propagates as it is. Validation always calls `.eager`: its batches have other shapes
+    and no gradients, each of which would cost another compile."""
 
     def __init__(self, module: nn.Module, enabled: bool, stage: str):
-        self.eager, self.stage, self.active = module, stage, enabled
+        self.eager, self.stage, self.active, self.settled = module, stage, enabled, False
+        if enabled:
+            import torch._functorch.config as functorch_config
+
+            functorch_config.force_non_lazy_backward_lowering = True
         self.fn = torch.compile(module) if enabled else module
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
+    def can_fall_back(self, error: BaseException) -> bool:
+        from torch._dynamo.exc import TorchDynamoException
+
+        return self.active and not self.settled and isinstance(error, TorchDynamoException)
+
     def fall_back(self, error: BaseException) -> None:
         import sys
 
-        lines = [line for line in str(error).splitlines() if line.strip()]
-        reason = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
-        print(f"maepipe: note: {self.stage}: torch.compile failed ({reason}); training eagerly "
-              f"(compile: false skips the attempt)", file=sys.stderr, flush=True)
+        if dist.is_main():
+            lines = [line for line in str(error).splitlines() if line.strip()]
+            reason = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+            print(f"maepipe: note: {self.stage}: torch.compile failed ({reason}); training eagerly "
+                  f"(compile: false skips the attempt)", file=sys.stderr, flush=True)
         self.fn, self.active = self.eager, False
 
 
@@ -274,6 +287,11 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
     an update the same as one process's on the whole batch."""
     generator = torch.Generator(device=device).manual_seed(seed)
     rank, world = dist.rank(), dist.world_size()
+    if world > 1 and min(batch_size, n_train) % world:
+        # Unequal slices would make DDP's average of per-process means differ from the mean
+        # over the batch (and an empty slice would give a NaN loss).
+        raise UserError(f"{stage}: batch size {min(batch_size, n_train)} is not a multiple of the {world} "
+                        f"torchrun processes; choose a batch_size (and a data size) divisible by {world}")
     steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
     scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch)))
     history = []
@@ -300,11 +318,13 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
                 idx = idx[rank::world]
             try:
                 out = forward_backward(idx)
-            except Exception as error:  # noqa: BLE001 - only while compiling; anything else re-raises
-                if compiled is None or not compiled.active:
+            except Exception as error:  # noqa: BLE001 - re-raised unless it is a first-step compile failure
+                if compiled is None or not compiled.can_fall_back(error):
                     raise
                 compiled.fall_back(error)
                 out = forward_backward(idx)
+            if compiled is not None:
+                compiled.settled = True
             optimizer.step()
             scheduler.step()
             loss_sum += out.loss.detach().float() * len(idx)

@@ -1,4 +1,6 @@
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -148,6 +150,10 @@ def _vit_fit(compile_on: bool, tmp_path, **env):
     return json.loads(line[len("HISTORY "):]), proc.stderr
 
 
+_NO_CXX = shutil.which(os.environ.get("CXX", "g++")) is None
+
+
+@pytest.mark.skipif(_NO_CXX, reason="torch.compile on the CPU needs a C++ compiler (g++)")
 def test_compiled_training_matches_eager(tmp_path):
     """The real inductor compile on the CPU: the same losses as eager up to float reassociation
     (a classifier draws no random numbers inside the model, so nothing else may differ)."""
@@ -168,3 +174,29 @@ def test_failed_compile_falls_back_to_eager(tmp_path):
     assert len(notes) == 1 and notes[0].startswith("maepipe: note: toy: torch.compile failed ("), err[-2000:]
     assert "compile: false" in notes[0]
     assert fallback == eager
+
+
+def test_only_a_first_step_compile_failure_falls_back():
+    """An out-of-memory error or a bug must surface, not be retried eagerly, and nothing falls
+    back once a compiled step has completed."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    net = engine.Compiled(nn.Linear(2, 2), True, "toy")
+    assert net.can_fall_back(TorchDynamoException("inductor could not build a kernel"))
+    assert not net.can_fall_back(RuntimeError("CUDA out of memory"))
+    net.settled = True
+    assert not net.can_fall_back(TorchDynamoException("a recompile failed later"))
+    assert not engine.Compiled(nn.Linear(2, 2), False, "toy").can_fall_back(TorchDynamoException("x"))
+
+
+def test_torchrun_batch_must_split_evenly(monkeypatch):
+    """Under torchrun each process trains on its slice of the global batch: 3 images over 2
+    processes would weight one process's images twice as much."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = nn.Linear(3, 2)
+    opt = engine.make_optimizer("sgd", engine.param_groups(model, 0.1, 0.0), torch.device("cpu"))
+    x, y = torch.randn(12, 3), torch.zeros(12, dtype=torch.long)
+    with pytest.raises(UserError, match="batch size 3 is not a multiple of the 2 torchrun processes"):
+        engine.fit_classifier(stage="toy", module=model, forward=model, optimizer=opt, x_train=x, y_train=y,
+                              x_val=x, y_val=y, epochs=1, batch_size=3, warmup_epochs=0,
+                              device=torch.device("cpu"), seed=0, on_epoch=lambda e, m: None)
