@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-STAGES = ("data", "pretrain", "select", "probe", "finetune", "evaluate")
-DATA_PARALLEL = ("pretrain", "probe", "finetune")  # the stages that may run under torchrun
+STAGES = ("data", "pretrain", "select", "pretrain_full", "probe", "finetune", "evaluate")
+DATA_PARALLEL = ("pretrain", "pretrain_full", "probe", "finetune")  # the stages that may run under torchrun
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES + ("preset", "validate"))
     parser.add_argument("name", nargs="?", help="preset name (for `preset`)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--marker", help="validate: write this constant file when the params are valid")
     parser.add_argument("--patch", type=_number(int), help="pretrain: the cell's patch size")
     parser.add_argument("--mask", type=_number(float), help="pretrain: the cell's mask ratio")
     parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
@@ -77,6 +79,13 @@ def _run(args) -> int:
                         f"data-parallel under torchrun")
     p = params_mod.load(args.params)
     if args.stage == "validate":
+        if args.marker:
+            # The DVC stage `validate`: every other stage depends on this file, whose content never
+            # changes, so a valid edit re-runs only the stages whose own params changed, and an
+            # invalid one stops `dvc repro` before DVC removes any other stage's outputs.
+            from .fsutil import write_bytes
+
+            write_bytes(Path(args.marker), b"params.yaml passed validation\n")
         print(f"{args.params}: ok ({len(p.cells())} grid cells)")
         return 0
     if args.stage == "pretrain":

@@ -304,3 +304,21 @@ def load_prepared(path: Path) -> dict[str, np.ndarray]:
     except Exception as e:  # noqa: BLE001 - zip, pickle and key errors all mean "corrupt"
         raise UserError(f"data: prepared file {path} is corrupt ({type(e).__name__}: {e}); {hint}") from None
     return arrays
+
+
+def label_budget(labels: np.ndarray, per_class, seed: int, classes) -> np.ndarray:
+    """Indices of a class-balanced labelled subset: `per_class` images of every class, drawn with
+    `seed` (`all`: every index). These are the only labels the downstream stages may use, for
+    training and for every choice, as a user with that many labels would have (Oliver et al. 2018).
+    Sorted, so the subset is a set and its order carries nothing."""
+    if per_class == "all":
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c, name in enumerate(classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise UserError(f"params: downstream.labels_per_class = {per_class}: class {name!r} has only "
+                            f"{len(members)} training images; use at most {len(members)} or all")
+        picked.append(rng.choice(members, size=per_class, replace=False))
+    return np.sort(np.concatenate(picked))

@@ -161,9 +161,9 @@ def as_float(images_u8: torch.Tensor) -> torch.Tensor:
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratio (You et al. 2017), as the MAE linear probe uses.
 
-    Weight decay and the trust ratio apply to matrices only, the usual exclusion. 1-D parameters
-    (biases) step at lr * trust_coefficient: LARS learning rates are large (16 here) because the
-    trust ratio shrinks them, and a bias taking plain SGD steps at that rate oscillates."""
+    Weight decay and the trust ratio apply to matrices only; 1-D parameters (biases) take the plain
+    momentum step at the full rate, as facebookresearch/mae's LARS does. (An earlier version
+    stepped them at lr * 0.001, which froze the biases of the probe's head.)"""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
                  trust_coefficient: float = 0.001):
@@ -178,9 +178,7 @@ class LARS(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = p.grad
-                if p.ndim <= 1:
-                    update = update.mul(group["trust_coefficient"])
-                else:
+                if p.ndim > 1:
                     update = update.add(p, alpha=group["weight_decay"])
                     p_norm, u_norm = torch.norm(p), torch.norm(update)
                     one = torch.ones_like(p_norm)
@@ -205,6 +203,31 @@ def param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict
     groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
               {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def layer_decay_groups(encoder: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Layer-wise lr decay for fine-tuning (BEiT, MAE): block i of D steps at
+    lr * layer_decay ** (D - i), the patch embedding and CLS token at lr * layer_decay ** D, the final
+    norm at lr. Low layers hold the most general pretrained features and move least.
+    `layer_decay: 1` is one lr for the whole encoder."""
+    depth = len(encoder.blocks)
+
+    def layer(name: str) -> int:
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return depth + 1 if name.startswith("norm.") else 0
+
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in encoder.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (p.ndim <= 1 or name.endswith("token"))
+        layer_id = layer(name)
+        group = groups.setdefault((layer_id, decay), {
+            "params": [], "lr": lr * layer_decay ** (depth + 1 - layer_id),
+            "weight_decay": weight_decay if decay else 0.0})
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def make_optimizer(name: str, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
@@ -254,6 +277,16 @@ def batch_indices(n: int, batch_size: int, device: torch.device, generator: torc
     return list(order[:full * batch_size].split(batch_size))
 
 
+def _batch_stream(n: int, batch_size: int, device: torch.device, generator: torch.Generator):
+    """Endless full batches cut from back-to-back permutations: no image repeats within a pass."""
+    rest = torch.empty(0, dtype=torch.int64, device=device)
+    while True:
+        while len(rest) < batch_size:
+            rest = torch.cat([rest, torch.randperm(n, device=device, generator=generator)])
+        batch, rest = rest[:batch_size], rest[batch_size:]
+        yield batch
+
+
 PROGRESS_LOSS_EVERY = 10  # steps between loss readouts on the bar (each one is a host sync)
 
 
@@ -276,8 +309,13 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         validate: Callable[[], dict[str, float]],
         on_epoch: Callable[[int, dict[str, float]], None],
         before_epoch: Callable[[int], None] | None = None,
-        compiled: Compiled | None = None) -> list[dict[str, float]]:
+        compiled: Compiled | None = None, steps_per_epoch: int | None = None) -> list[dict[str, float]]:
     """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`.
+
+    `steps_per_epoch`: an "epoch" is that many full batches drawn from back-to-back fresh
+    permutations instead of one pass over the data. Classifiers train for a fixed number of steps
+    whatever their label budget, so 10 labels per class are not starved and all of them are not
+    over-trained; validation then runs every `steps_per_epoch` steps.
 
     `compiled`: the Compiled module `step` calls, if any; a step that fails while it is still
     compiling is redone eagerly after `fall_back`.
@@ -292,7 +330,11 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         # over the batch (and an empty slice would give a NaN loss).
         raise UserError(f"{stage}: batch size {min(batch_size, n_train)} is not a multiple of the {world} "
                         f"torchrun processes; choose a batch_size (and a data size) divisible by {world}")
-    steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
+    stream = None
+    if steps_per_epoch is None:
+        steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
+    else:
+        stream = _batch_stream(n_train, min(batch_size, n_train), device, generator)
     scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch)))
     history = []
 
@@ -311,7 +353,8 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen, has_acc = 0, False
-        batches = batch_indices(n_train, batch_size, device, generator)
+        batches = (batch_indices(n_train, batch_size, device, generator) if stream is None
+                   else [next(stream) for _ in range(steps_per_epoch)])
         bar = _progress(stage, epoch, epochs, len(batches))
         for i, idx in enumerate(batches):
             if world > 1:
@@ -362,7 +405,9 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if dist.is_main():
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
-            print(f"{stage} epoch {epoch}/{epochs}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
+            where = (f"epoch {epoch}/{epochs}" if stream is None
+                     else f"step {epoch * steps_per_epoch}/{epochs * steps_per_epoch}")
+            print(f"{stage} {where}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
         history.append(metrics)
         on_epoch(epoch, metrics)
     return history
@@ -387,18 +432,21 @@ def fit_classifier(*, stage: str, module: nn.Module, forward: Callable[[torch.Te
                    warmup_epochs: float, device: torch.device, seed: int,
                    on_epoch: Callable[[int, dict[str, float]], None],
                    eval_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   compiled: Compiled | None = None) -> list[dict[str, float]]:
+                   compiled: Compiled | None = None, steps_per_epoch: int | None = None,
+                   label_smoothing: float = 0.0) -> list[dict[str, float]]:
     """Cross-entropy training of `forward` (inputs -> logits); `module` holds what is trained.
 
     `eval_forward` (default `forward`) scores the val split: the eager module when `forward`
-    goes through a Compiled one."""
+    goes through a Compiled one (and the un-augmented one when `forward` augments).
+    `label_smoothing` applies to the training loss only, so val_loss stays the plain one."""
     eval_forward = eval_forward or forward
     import torch.nn.functional as F
 
     def step(idx):
         logits = forward(x_train[idx]).float()
         target = y_train[idx]
-        return StepOutput(F.cross_entropy(logits, target), (logits.argmax(1) == target).sum())
+        return StepOutput(F.cross_entropy(logits, target, label_smoothing=label_smoothing),
+                          (logits.argmax(1) == target).sum())
 
     def validate():
         logits = torch.cat([eval_forward(chunk).float() for chunk in x_val.split(batch_size)])
@@ -407,4 +455,4 @@ def fit_classifier(*, stage: str, module: nn.Module, forward: Callable[[torch.Te
 
     return fit(stage=stage, model=module, optimizer=optimizer, n_train=len(x_train), epochs=epochs,
                batch_size=batch_size, warmup_epochs=warmup_epochs, device=device, seed=seed, step=step,
-               validate=validate, on_epoch=on_epoch, compiled=compiled)
+               validate=validate, on_epoch=on_epoch, compiled=compiled, steps_per_epoch=steps_per_epoch)

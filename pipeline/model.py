@@ -105,6 +105,15 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (Huang et al. 2016): drop a residual branch for whole samples, scaling the
+    kept ones by 1 / (1 - rate) so the expectation is unchanged."""
+    if rate == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype) >= rate
+    return x * keep / (1.0 - rate)
+
+
 class Block(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
@@ -113,10 +122,11 @@ class Block(nn.Module):
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.drop_path = 0.0  # a fine-tuning regulariser, set by Encoder.set_drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -145,6 +155,13 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
         self.apply(_init_weights)
         nn.init.normal_(self.cls_token, std=0.02)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 (first block) to `rate` (last), as in MAE's
+        fine-tuning: deep blocks are the most specialised to pretraining and the cheapest to drop."""
+        depth = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            block.drop_path = rate * i / (depth - 1) if depth > 1 else rate
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> patch tokens with positions, [B, L, dim] (no CLS yet)."""

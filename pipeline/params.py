@@ -53,6 +53,12 @@ def batch_int(name, v):
     return v
 
 
+def nonneg_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise _bad(name, v, "must be an integer >= 0")
+    return v
+
+
 def opt_pos_int(name, v):
     return None if v is None else pos_int(name, v)
 
@@ -81,6 +87,20 @@ def fraction(name, v):
     v2 = _number(name, v, "must be a number strictly between 0 and 1")
     if not 0 < v2 < 1:
         raise _bad(name, v, "must be a number strictly between 0 and 1")
+    return v2
+
+
+def unit_interval(name, v):
+    v2 = _number(name, v, "must be a number in (0, 1]")
+    if not 0 < v2 <= 1:
+        raise _bad(name, v, "must be a number in (0, 1]")
+    return v2
+
+
+def half_open_fraction(name, v):
+    v2 = _number(name, v, "must be a number in [0, 1)")
+    if not 0 <= v2 < 1:
+        raise _bad(name, v, "must be a number in [0, 1)")
     return v2
 
 
@@ -144,6 +164,14 @@ def auto_or(item_check):
     return check
 
 
+def count_or_all(name, v):
+    if v == "all":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise _bad(name, v, "must be a positive integer or all")
+    return v
+
+
 def auto_or_bool(name, v):
     if v == "auto" or isinstance(v, bool):
         return v
@@ -205,7 +233,6 @@ class PretrainParams:
     loss: str = _field(choice(*LOSSES), "mse")
     train_limit: int | None = _field(opt_pos_int, None)
     val_limit: int | None = _field(opt_pos_int, None)
-    knn_k: int = _field(pos_int, 20)
 
     @property
     def epochs(self) -> int:
@@ -217,25 +244,48 @@ class PretrainParams:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PretrainFullParams:
+    """The selected cell, pretrained on: same loss, decoder and mask ratio as in the grid."""
+    phases: tuple = _field(phase_list)
+    batch_size: int = _field(pos_int)
+    lr: float = _field(pos_float)
+    weight_decay: float = _field(nonneg_float)
+    warmup_epochs: float = _field(nonneg_float, 0.0)
+    train_limit: int | None = _field(opt_pos_int, None)
+
+    @property
+    def epochs(self) -> int:
+        return sum(ph.epochs for ph in self.phases)
+
+    def phase_of(self) -> list[int]:
+        return [i for i, ph in enumerate(self.phases, 1) for _ in range(ph.epochs)]
+
+
+@dataclass(frozen=True, kw_only=True)
 class DownstreamParams:
     dataset: str = _field(same_or(choice(*DATASETS)), "same")
     image_size: Any = _field(same_or(pos_int), "same")
+    # The labelled training images: this many per class, drawn with the seed (all: every one).
+    labels_per_class: Any = _field(count_or_all, "all")
+    seeds: int = _field(pos_int, 1)
 
 
 @dataclass(frozen=True, kw_only=True)
 class SelectParams:
     metric: str = _field(choice(*SELECT_METRICS), "val_mse")
+    knn_k: int = _field(pos_int, 20)
+    folds: int = _field(pos_int, 5)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ProbeParams:
     head: str = _field(choice(*HEADS), "linear")
     optimizer: str = _field(choice(*OPTIMIZERS), "lars")
-    epochs: int = _field(pos_int)
+    steps: int = _field(pos_int)
     batch_size: int = _field(batch_int)
     lr: float = _field(pos_float)
     weight_decay: float = _field(nonneg_float, 0.0)
-    warmup_epochs: float = _field(nonneg_float, 0.0)
+    warmup_steps: int = _field(nonneg_int, 0)
     mlp_hidden: int = _field(pos_int, 512)
 
 
@@ -243,12 +293,16 @@ class ProbeParams:
 class FinetuneParams:
     head: str = _field(choice(*HEADS), "linear")
     optimizer: str = _field(choice(*OPTIMIZERS), "adamw")
-    epochs: int = _field(pos_int)
+    steps: int = _field(pos_int)
     batch_size: int = _field(batch_int)
     lr_encoder: float = _field(pos_float)
     lr_head: float = _field(pos_float)
     weight_decay: float = _field(nonneg_float, 0.05)
-    warmup_epochs: float = _field(nonneg_float, 0.0)
+    warmup_steps: int = _field(nonneg_int, 0)
+    layer_decay: float = _field(unit_interval, 1.0)
+    label_smoothing: float = _field(half_open_fraction, 0.0)
+    drop_path: float = _field(half_open_fraction, 0.0)
+    augment: tuple = _field(augment_list, ())
     mlp_hidden: int = _field(pos_int, 512)
 
 
@@ -269,6 +323,7 @@ class Params:
     model: ModelParams = _field(None)
     pretrain: PretrainParams = _field(None)
     select: SelectParams = _field(None)
+    pretrain_full: PretrainFullParams = _field(None)
     downstream: DownstreamParams = _field(None)
     probe: ProbeParams = _field(None)
     finetune: FinetuneParams = _field(None)
@@ -284,6 +339,10 @@ class Params:
     @property
     def downstream_size(self) -> int:
         return self.data.image_size if self.downstream.image_size == "same" else self.downstream.image_size
+
+    def downstream_seeds(self) -> list[int]:
+        """One seed per downstream repetition (label subset, head init, batch order, augmentation)."""
+        return [self.seed + 1000 * k for k in range(self.downstream.seeds)]
 
 
 def cell_name(patch: int, mask_ratio: float) -> str:
@@ -337,7 +396,7 @@ def _build(cls, raw: Any, prefix: str):
 
 
 _SECTIONS = {"grid": GridParams, "data": DataParams, "model": ModelParams, "pretrain": PretrainParams,
-             "select": SelectParams, "downstream": DownstreamParams, "probe": ProbeParams, "finetune": FinetuneParams,
+             "select": SelectParams, "pretrain_full": PretrainFullParams, "downstream": DownstreamParams, "probe": ProbeParams, "finetune": FinetuneParams,
              "mlflow": MlflowParams}
 
 
@@ -388,13 +447,23 @@ def validate(p: Params) -> Params:
         if small:
             raise UserError(f"params: grid.patch = {small[0]}: norm_pix normalises each patch by its own "
                             f"std, which needs at least 2 pixels per patch")
-    for i, phase in enumerate(p.pretrain.phases):
-        if "flip" in phase.augment and p.data.dataset not in MIRROR_SAFE:
-            raise UserError(f"params: pretrain.phases[{i}].augment = {list(phase.augment)!r}: flip is not allowed "
-                            f"for {p.data.dataset} (a mirrored digit is not a digit); allowed for "
-                            f"{', '.join(MIRROR_SAFE)}")
+    flips = [(f"{section}.phases[{i}].augment", phase.augment, p.data.dataset)
+             for section in ("pretrain", "pretrain_full")
+             for i, phase in enumerate(getattr(p, section).phases)]
+    flips.append(("finetune.augment", p.finetune.augment, p.downstream_dataset))
+    for name, ops, dataset in flips:
+        if "flip" in ops and dataset not in MIRROR_SAFE:
+            raise UserError(f"params: {name} = {list(ops)!r}: flip is not allowed for {dataset} (a mirrored "
+                            f"digit is not a digit); allowed for {', '.join(MIRROR_SAFE)}")
+    for section in ("probe", "finetune"):
+        s = getattr(p, section)
+        if s.warmup_steps >= s.steps:
+            raise UserError(f"params: {section}.warmup_steps = {s.warmup_steps}: must be less than "
+                            f"{section}.steps = {s.steps}")
     if p.patch != "auto":
         check_downstream_size(p, p.patch)
+    elif not any(p.downstream_size % patch == 0 for patch in p.grid.patch):
+        check_downstream_size(p, p.grid.patch[0])
     m = p.model
     if m.dim % 4:
         raise UserError(f"params: model.dim = {m.dim}: must be a multiple of 4 (2-D sin-cos positions)")

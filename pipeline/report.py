@@ -38,10 +38,19 @@ def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v
 
 
-def write_markdown_table(rows: Sequence[dict], path: Path, title: str) -> None:
+def markdown_table(rows: Sequence[dict]) -> list[str]:
     columns = list(rows[0].keys())
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(_fmt(r[c])) for c in columns) + " |" for r in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join("" if r[c] is None else str(_fmt(r[c])) for c in columns) + " |"
+                    for r in rows]
+
+
+def write_markdown_table(rows: Sequence[dict], path: Path, title: str,
+                         extra: Sequence[tuple[str, Sequence[dict]]] = ()) -> None:
+    """A titled table, and optionally more titled tables below it."""
+    lines = [f"# {title}", "", *markdown_table(rows)]
+    for heading, more in extra:
+        lines += ["", f"## {heading}", "", *markdown_table(more)]
     write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
@@ -102,7 +111,9 @@ def pretrain_curve_figure(curve: Sequence[dict], phases: Sequence[str], title: s
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     axes[0].plot(epochs, [r["train_loss"] for r in curve], marker=".", label="train loss (augmented as trained)")
     axes[0].plot(epochs, [r["val_loss"] for r in curve], marker=".", label="val loss (no augmentation)")
-    axes[1].plot(epochs, [r["val_mse"] for r in curve], marker=".", color="C2", label="val MSE, masked pixels")
+    # norm_pix runs have no pixel MSE (None): an empty panel rather than a made-up number.
+    axes[1].plot(epochs, [np.nan if r["val_mse"] is None else r["val_mse"] for r in curve], marker=".",
+                 color="C2", label="val MSE, masked pixels")
     starts = [r["epoch"] for prev, r in zip(curve, curve[1:]) if r["phase"] != prev["phase"]]
     for ax in axes:
         for e in starts:

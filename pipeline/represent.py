@@ -30,23 +30,33 @@ def _check(train_x, train_y, query_x, query_y, num_classes: int) -> None:
 
 
 def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                 leave_one_out: bool = False) -> float:
     """Cosine k-NN: L2-normalise features, for each query take the k most similar training features,
     vote with weights exp(sim / temperature) (as in DINO/InstDisc), predict the class with most weight.
-    Returns accuracy on the queries. k larger than len(train_x) uses all training points."""
+    Returns accuracy on the queries. k larger than len(train_x) uses all training points.
+
+    `leave_one_out`: the queries are the training points themselves and each is classified by the
+    others, so a small labelled set scores itself without a held-out split."""
     _check(train_x, train_y, query_x, query_y, num_classes)
+    if leave_one_out and (query_x is not train_x or len(train_x) < 2):
+        raise ValueError("leave_one_out needs the training features as queries and at least 2 of them")
     if k < 1 or chunk < 1 or not temperature > 0:
         raise ValueError(f"need k >= 1, chunk >= 1 and temperature > 0, got {k}, {chunk}, {temperature}")
     device = train_x.device
     train = F.normalize(train_x.float(), dim=1)
     train_y = train_y.to(device)
     query_y = query_y.to(device)
-    k = min(k, len(train))
+    k = min(k, len(train) - int(leave_one_out))
     correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(query_x), chunk):
         # Chunking the queries bounds memory at one [chunk, N_train] similarity matrix.
         q = F.normalize(query_x[start:start + chunk].to(device).float(), dim=1)
-        sim, idx = (q @ train.T).topk(k, dim=1)
+        sim = q @ train.T
+        if leave_one_out:
+            rows = torch.arange(len(q), device=device)
+            sim[rows, rows + start] = -math.inf
+        sim, idx = sim.topk(k, dim=1)
         # Shifting by each row's top similarity scales that row's weights by one common factor (the
         # vote is unchanged) and keeps exp from overflowing float32 at small temperatures.
         weight = ((sim - sim[:, :1]) / temperature).exp()
@@ -83,6 +93,29 @@ def ridge_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, query_x: 
     W = torch.linalg.solve(X.T @ X + torch.diag(penalty), X.T @ Y)
     pred = (design(query_x) @ W).argmax(1)
     return (pred == query_y.to(device)).sum().item() / len(query_x)
+
+
+def ridge_cv_accuracy(x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 5,
+                      l2: float = 1e-3) -> float | None:
+    """Stratified k-fold accuracy of the closed-form probe on one labelled set: every class is dealt
+    round-robin into the folds, each fold is predicted by the probe fitted on the others. Folds are
+    capped by the smallest class; None when a class has a single member (nothing to hold out)."""
+    y_cpu = y.cpu()
+    counts = torch.bincount(y_cpu)
+    smallest = int(counts[counts > 0].min())
+    folds = min(folds, smallest)
+    if folds < 2:
+        return None
+    fold = torch.empty(len(y_cpu), dtype=torch.int64)
+    for c in y_cpu.unique():
+        members = torch.nonzero(y_cpu == c).flatten()
+        fold[members] = torch.arange(len(members)) % folds
+    fold = fold.to(x.device)
+    correct = 0.0
+    for f in range(folds):
+        held = fold == f
+        correct += ridge_probe_accuracy(x[~held], y[~held], x[held], y[held], num_classes, l2) * int(held.sum())
+    return correct / len(y_cpu)
 
 
 def spearman(a, b) -> float:

@@ -25,8 +25,10 @@ def tiny_params(**overrides) -> dict:
     p["data"].update(dataset="digits", image_size=16)
     p["model"].update(dim=32, depth=1, heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2)
     p["pretrain"].update(phases=[{"epochs": 2, "augment": []}], batch_size=128, train_limit=None, val_limit=None)
-    p["probe"].update(epochs=3)
-    p["finetune"].update(epochs=2)
+    p["pretrain_full"].update(phases=[{"epochs": 2, "augment": []}], batch_size=128)
+    p["downstream"].update(labels_per_class=20, seeds=2)
+    p["probe"].update(steps=30, warmup_steps=3)
+    p["finetune"].update(steps=20, warmup_steps=2, batch_size=64, augment=["shift"])
     for dotted, value in overrides.items():
         *path, last = dotted.split(".")
         node = p
@@ -86,3 +88,24 @@ def cli(repo: Path, *args: str, check: bool = False, **extra_env) -> subprocess.
 @pytest.fixture
 def tiny_repo(tmp_path) -> Path:
     return make_repo(tmp_path / "repo", tiny_params())
+
+
+@pytest.fixture(scope="session")
+def repro_template(tmp_path_factory):
+    """One `dvc repro` of the tiny config in a fresh git repo, committed afterwards as a user would.
+    Read it, never change it: a test that changes a repo takes `repro_copy`."""
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo", tiny_params())
+    out = sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "repro"], repo)
+    return repo, out.stdout
+
+
+@pytest.fixture
+def repro_copy(repro_template, tmp_path) -> Path:
+    """A private copy of the repo that has run (git history, DVC cache, MLflow store and all)."""
+    src, _ = repro_template
+    dst = tmp_path / "repo"
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, ROOT, env, make_repo, sh, tiny_params
+from conftest import BIN, ROOT, env, sh
 
 CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
 TEMPLATE = ROOT / "web" / "plots-template.html"
@@ -70,12 +70,12 @@ def plots_template() -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """`dvc repro` of the tiny config in a fresh git repo, committed like a user would."""
-    repo = make_repo(tmp_path_factory.mktemp("browser") / "repo", tiny_params())
-    sh(["dvc", "repro"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "repro"], repo)
+def built(tmp_path_factory, repro_template) -> Path:
+    """A private copy of the session's `dvc repro` of the tiny config (these tests add an experiment)."""
+    import shutil
+
+    repo = tmp_path_factory.mktemp("browser") / "repo"
+    shutil.copytree(repro_template[0], repo, symlinks=True)
     return repo
 
 
@@ -296,9 +296,10 @@ def test_plots_diff_page_renders_offline(browser, plots_template, pinned, tmp_pa
     titles = {_title(spec): div for div, spec in specs.items()}
     both = ("HEAD", "pinned")
     wanted = {  # title -> the (revision, source) series it must draw
-        "ROC (micro-average), MAE probe / fine-tune vs the random-weight controls":
-            {(rev, f"roc_{m}.csv") for rev in both for m in ("probe", "finetune", "scratch", "probe_random")},
-        "Probe and fine-tune loss per epoch":
+        "ROC (micro-average, first seed), MAE probe / fine-tune vs the random-weight controls and raw pixels":
+            {(rev, f"roc_{m}.csv") for rev in both
+             for m in ("probe", "finetune", "scratch", "probe_random", "pixels_logreg")},
+        "Probe and fine-tune loss per step (mean over seeds)":
             {(rev, f"{m}/curve.csv::{col}") for rev in both for m in ("probe", "finetune")
              for col in ("train_loss", "val_loss")},
         "plots/evaluate/roc_finetune.csv": {(rev, "") for rev in both},

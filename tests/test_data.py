@@ -188,3 +188,22 @@ def test_real_fashion_mnist_from_debian_passes_checksums(tmp_path):
     data.verify(spec, DEBIAN_FASHION, list(data.IDX_FILES.values()))
     labels = data.read_idx(DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz")
     assert labels.shape == (10000,) and np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_label_budget_is_class_balanced_seeded_and_a_subset():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 5000)
+    a = data.label_budget(labels, 30, 7, [str(c) for c in range(10)])
+    assert len(a) == 300 and len(set(a.tolist())) == 300
+    assert np.bincount(labels[a], minlength=10).tolist() == [30] * 10
+    assert np.array_equal(a, data.label_budget(labels, 30, 7, [str(c) for c in range(10)]))
+    b = data.label_budget(labels, 30, 8, [str(c) for c in range(10)])
+    assert not np.array_equal(a, b)
+    # A larger budget of the same seed is not required to contain the smaller one, but "all" is all.
+    assert np.array_equal(data.label_budget(labels, "all", 7, list("0123456789")), np.arange(5000))
+
+
+def test_label_budget_larger_than_a_class_is_one_clear_error():
+    labels = np.array([0] * 5 + [1] * 3)
+    with pytest.raises(UserError, match=r"labels_per_class = 4: class 'b' has only 3 training images"):
+        data.label_budget(labels, 4, 0, ["a", "b"])

@@ -36,6 +36,7 @@ def test_two_processes_match_one_and_write_once(tmp_path):
         assert abs(parallel[key] - single[key]) <= max(0.25 * spread, 0.01 * single[key]), (key, single, parallel)
 
     assert cli(repo, "select").returncode == 0
+    torchrun(repo, "pretrain_full")
     torchrun(repo, "probe")
     torchrun(repo, "finetune")
     for stage in ("probe", "finetune"):  # the random-weight controls evaluate also scores
@@ -44,9 +45,9 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     _, runs = mlflow_runs(repo)
     names = [r.info.run_name for r in runs]
     # One MLflow run per invocation, from rank 0 only.
-    assert names.count(f"pretrain-{CELL}") == 3
+    assert names.count(f"pretrain-{CELL}") == 3 and names.count(f"pretrain_full-{CELL}") == 1
     assert names.count(f"probe-{CELL}") == 1 and names.count(f"finetune-{CELL}") == 1
-    assert json.loads((repo / "metrics" / "finetune.json").read_text())["val_acc"] > 0
+    assert json.loads((repo / "metrics" / "finetune.json").read_text())["val_acc_mean"] > 0
 
     out = torchrun(repo, "select", check=False)
     assert out.returncode != 0 and "runs in one process" in out.stderr

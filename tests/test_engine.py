@@ -20,11 +20,38 @@ def test_lars_step_matches_hand_computation():
     update = torch.tensor([[0.3, 1.4]])             # grad + 0.1 * w
     ratio = 0.001 * 5.0 / update.norm()
     assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * ratio * update)
-    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 0.001 * 2.0]))  # 1-D: lr * trust, no decay
+    # 1-D (biases): the plain momentum step at the full lr, no trust ratio, no decay (as in MAE's LARS).
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 2.0]))
     # Second step: momentum accumulates.
     w.grad, b.grad = torch.zeros_like(w), torch.tensor([2.0])
     opt.step()
-    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 0.001 * (2.0 + 0.9 * 2.0 + 2.0)]))
+    assert torch.allclose(b.detach(), torch.tensor([1.0 - 0.5 * 2.0 - 0.5 * (0.9 * 2.0 + 2.0)]))
+
+
+def test_layer_decay_groups_scale_lr_by_depth():
+    from pipeline.model import Encoder, ViTConfig
+
+    enc = Encoder(ViTConfig(16, 1, 4, 32, 3, 2))
+    groups = engine.layer_decay_groups(enc, 1.0, 0.05, 0.5)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert len(lr_of) == sum(1 for _ in enc.parameters())  # every parameter, once
+    # 3 blocks: embedding 0.5^4, block i (0-based) 0.5^(3 - i), final norm 0.5^0.
+    assert lr_of[id(enc.patch_embed.weight)] == (0.5 ** 4, 0.05)
+    assert lr_of[id(enc.cls_token)] == (0.5 ** 4, 0.0)
+    for i, block in enumerate(enc.blocks):
+        assert lr_of[id(block.attn.qkv.weight)] == (0.5 ** (3 - i), 0.05)
+        assert lr_of[id(block.norm1.bias)] == (0.5 ** (3 - i), 0.0)
+    assert lr_of[id(enc.norm.weight)] == (1.0, 0.0)
+    assert {g["lr"] for g in engine.layer_decay_groups(enc, 2.0, 0.05, 1.0)} == {2.0}
+
+
+def test_fixed_steps_stream_full_batches_across_permutations():
+    gen = torch.Generator().manual_seed(0)
+    stream = engine._batch_stream(10, 4, torch.device("cpu"), gen)
+    batches = [next(stream) for _ in range(5)]  # 20 indices: exactly two permutations of 10
+    assert all(len(b) == 4 for b in batches)
+    flat = torch.cat(batches)
+    assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:].tolist()) == list(range(10))
 
 
 def test_warmup_cosine():

@@ -108,3 +108,21 @@ def test_normalisation_uses_config_mean_std():
     x = torch.full((1, 1, 16, 16), 0.5)  # equals the mean -> zero input to the patch embedding
     tokens = enc.tokens(x)
     assert torch.allclose(tokens, enc.patch_embed.bias + enc.pos_embed, atol=1e-6)
+
+
+def test_drop_path_rises_with_depth_and_only_acts_in_training():
+    from pipeline.model import drop_path
+
+    enc = Encoder(ViTConfig(16, 1, 4, 32, 3, 2))
+    enc.set_drop_path(0.2)
+    assert [b.drop_path for b in enc.blocks] == pytest.approx([0.0, 0.1, 0.2])
+    x = torch.ones(10000, 3)
+    kept = drop_path(x, 0.25, training=True)
+    rows = kept[:, 0]
+    assert rows.unique().tolist() == pytest.approx([0.0, 4 / 3])  # whole samples dropped, the rest rescaled
+    assert torch.equal(kept, kept[:, :1].expand_as(kept))
+    assert rows.mean().item() == pytest.approx(1.0, abs=0.03)  # expectation unchanged
+    assert torch.equal(drop_path(x, 0.25, training=False), x)
+    images = torch.rand(4, 1, 16, 16)
+    enc.eval()
+    assert torch.equal(enc(images), enc(images))  # eval: deterministic, no path dropped

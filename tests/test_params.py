@@ -9,7 +9,8 @@ from pipeline.errors import UserError
 def test_committed_params_are_valid():
     p = params.load(ROOT / "params.yaml")
     assert len(p.cells()) == 16
-    assert params.flatten(p)["pretrain.phases"] == "3xnone" and p.pretrain.epochs == 3
+    assert params.flatten(p)["pretrain.phases"] == "2xnone" and p.pretrain.epochs == 2
+    assert p.downstream.labels_per_class == 100 and p.downstream_seeds() == [0, 1000, 2000]
     assert p.downstream_dataset == p.data.dataset and p.downstream_size == p.data.image_size
     assert params.cell_name(7, 0.5) == "p7-m0.5"
 
@@ -40,12 +41,32 @@ BAD = [
     ({"pretrain.phases": [{"epochs": 1, "augment": "crop"}]}, "pretrain.phases[0].augment = 'crop': must be a list"),
     ({"pretrain.phases": [{"epochs": 1, "augment": []}, {"epochs": 1, "augment": ["crop", "flip"]}]},
      "pretrain.phases[1].augment = ['crop', 'flip']: flip is not allowed for digits"),
-    ({"pretrain.knn_k": 0}, "pretrain.knn_k = 0: must be a positive integer"),
+    ({"select.knn_k": 0}, "select.knn_k = 0: must be a positive integer"),
+    ({"pretrain.knn_k": 20}, "pretrain.knn_k: unknown key"),
+    ({"select.folds": 1.5}, "select.folds = 1.5: must be a positive integer"),
+    ({"downstream.labels_per_class": 0}, "downstream.labels_per_class = 0: must be a positive integer or all"),
+    ({"downstream.labels_per_class": "many"}, "downstream.labels_per_class = 'many': must be a positive integer or all"),
+    ({"downstream.seeds": 0}, "downstream.seeds = 0: must be a positive integer"),
+    ({"finetune.layer_decay": 0}, "finetune.layer_decay = 0: must be a number in (0, 1]"),
+    ({"finetune.layer_decay": 1.5}, "finetune.layer_decay = 1.5: must be a number in (0, 1]"),
+    ({"finetune.label_smoothing": 1.0}, "finetune.label_smoothing = 1.0: must be a number in [0, 1)"),
+    ({"finetune.drop_path": -0.1}, "finetune.drop_path = -0.1: must be a number in [0, 1)"),
+    ({"finetune.augment": ["flip"]}, "finetune.augment = ['flip']: flip is not allowed for digits"),
+    ({"finetune.augment": ["blur"]}, "finetune.augment[0] = 'blur': must be one of shift, crop, flip"),
+    ({"probe.warmup_steps": 30}, "probe.warmup_steps = 30: must be less than probe.steps = 30"),
+    ({"finetune.warmup_steps": -1}, "finetune.warmup_steps = -1: must be an integer >= 0"),
+    ({"pretrain_full.phases": [{"epochs": 1, "augment": ["flip"]}]},
+     "pretrain_full.phases[0].augment = ['flip']: flip is not allowed for digits"),
+    ({"pretrain_full.lr": 0}, "pretrain_full.lr = 0: must be a positive number"),
+    ({"pretrain_full.train_limit": -5}, "pretrain_full.train_limit = -5: must be a positive integer"),
     ({"downstream.dataset": "svhn"}, "downstream.dataset = 'svhn': must be one of fashion_mnist"),
     ({"downstream.image_size": -1}, "downstream.image_size = -1: must be a positive integer"),
     ({"patch": 8, "downstream.image_size": 20},
      "downstream.image_size = 20: the selected encoder has patch 8, which must divide"),
-    ({"finetune.epochs": -3}, "finetune.epochs = -3: must be a positive integer"),
+    ({"finetune.steps": -3}, "finetune.steps = -3: must be a positive integer"),
+    ({"finetune.epochs": 3}, "finetune.epochs: unknown key"),
+    ({"patch": "auto", "grid.patch": [8], "downstream.image_size": 20},
+     "downstream.image_size = 20: the selected encoder has patch 8, which must divide"),
     ({"pretrain.batch_size": 0}, "pretrain.batch_size = 0: must be a positive integer"),
     ({"pretrain.batch_size": 12.5}, "pretrain.batch_size = 12.5: must be a positive integer"),
     ({"pretrain.phases": [{"epochs": True}]}, "pretrain.phases[0].epochs = True: must be a positive integer"),
@@ -60,7 +81,7 @@ BAD = [
     ({"pretrain.epoch": 3}, "pretrain.epoch: unknown key"),
     ({"seed": 2**32}, "seed = 4294967296: must be an integer from 0 to 2**32 - 2"),
     ({"probe.batch_size": 1}, "probe.batch_size = 1: must be an integer >= 2"),
-    ({"pretrain.loss": "norm_pix"}, "select.metric = 'val_mse' with pretrain.loss = 'norm_pix'"),
+    ({"pretrain.loss": "norm_pix", "select.metric": "val_mse"}, "select.metric = 'val_mse' with pretrain.loss = 'norm_pix'"),
     ({"pretrain.loss": "norm_pix", "select.metric": "val_loss", "grid.patch": [1, 4]},
      "grid.patch = 1: norm_pix normalises each patch by its own std"),
 ]
@@ -133,7 +154,8 @@ def test_seed_preset_is_valid_and_sized_like_the_seeds():
         node[last] = value
     p = params.parse(raw)
     assert p.pretrain.epochs == 10 and p.pretrain.phases[0].augment == () and p.pretrain.batch_size == 256 and p.pretrain.lr == 3e-4
-    assert p.finetune.lr_encoder == 9.5e-5 and p.finetune.lr_head == 8e-4 and p.finetune.epochs == 10
+    assert p.finetune.lr_encoder == 9.5e-5 and p.finetune.lr_head == 8e-4 and p.finetune.steps == 2110
+    assert p.downstream.labels_per_class == "all"
     enc = Encoder(ViTConfig(28, 1, 7, p.model.dim, p.model.depth, p.model.heads))
     assert 6.0e6 < count_parameters(enc) < 7.0e6
     args = dvc_set_args("seed")

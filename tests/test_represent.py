@@ -174,3 +174,36 @@ def test_classifiers_reject_bad_inputs(fn):
 def test_spearman_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="equal-length"):
         spearman([1, 2, 3], [1, 2])
+
+
+def test_knn_leave_one_out_never_votes_for_itself():
+    # Two far-apart clusters, one mislabelled point in each: with k=3 and itself excluded, each
+    # mislabelled point takes its neighbours' class and is wrong; everything else outvotes the one
+    # mislabelled neighbour it may have and is right.
+    x = torch.cat([torch.randn(10, 4) * 0.01 + 5, torch.randn(10, 4) * 0.01 - 5])
+    y = torch.tensor([0] * 10 + [1] * 10)
+    y[0], y[10] = 1, 0
+    assert knn_accuracy(x, y, x, y, 2, k=3, leave_one_out=True) == pytest.approx(18 / 20)
+    assert knn_accuracy(x, y, x, y, 2, k=1) == 1.0  # without it every point finds itself
+    assert knn_accuracy(x, y, x, y, 2, k=3, leave_one_out=True, chunk=3) == pytest.approx(18 / 20)
+    with pytest.raises(ValueError):
+        knn_accuracy(x, y, x.clone(), y, 2, leave_one_out=True)
+
+
+def test_ridge_cv_holds_out_every_point_once():
+    from pipeline.represent import ridge_cv_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 5, generator=g)
+    y = (x[:, 0] > 0).long()
+    x[:, 0] += 4 * (2 * y - 1)  # a wide margin: a least-squares probe separates it too
+    # Separable by one feature: every held-out fold is predicted right.
+    assert ridge_cv_accuracy(x, y, 2, folds=5) == 1.0
+    # Pure noise features and labels: held out, the probe is near chance, though it fits its own
+    # training folds much better.
+    noise_y = torch.randint(0, 2, (60,), generator=g)
+    noise_x = torch.randn(60, 40, generator=g)
+    assert ridge_cv_accuracy(noise_x, noise_y, 2, folds=5) < 0.75
+    assert ridge_probe_accuracy(noise_x, noise_y, noise_x, noise_y, 2) > 0.9
+    # One member in a class: nothing to hold out.
+    assert ridge_cv_accuracy(x[:3], torch.tensor([0, 0, 1]), 2) is None

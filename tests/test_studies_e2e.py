@@ -43,22 +43,25 @@ def test_transfer_gray_16px_encoder_to_rgb_32px_cifar10(tmp_path):
     raw = tmp_path / "raw"
     write_cifar(raw / "cifar10", per_batch=20)
     params = tiny_params(**{
-        "grid.patch": [4], "grid.mask_ratio": [0.5], "probe.epochs": 2,
+        "grid.patch": [4], "grid.mask_ratio": [0.5], "probe.steps": 4, "probe.warmup_steps": 1,
+        "downstream.labels_per_class": "all",
         "data.raw_dir": str(raw), "data.verify_checksums": False,
         "downstream.dataset": "cifar10", "downstream.image_size": 32})
     repo = make_repo(tmp_path / "repo", params)
     sh(["dvc", "repro"], repo)
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    assert set(ev) == {"probe", "probe_random", "finetune", "scratch"}
-    assert "airplane" in ev["finetune"]["auc_per_class"] or "truck" in ev["finetune"]["auc_per_class"]
+    assert set(ev["arms"]) == {"probe", "probe_random", "finetune", "scratch", "pixels_logreg"}
+    test_labels = {int(r["label"]) for r in csv.DictReader(open(repo / "plots" / "evaluate" / "predictions.csv"))}
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert set(ev["arms"]["finetune"]["auc_per_class"]) == {cifar[c] for c in test_labels}
     # Pretrained on 1-channel 16x16 (a 4x4 grid of patch 4); fine-tuned as 3-channel 32x32 (8x8).
-    mae = torch.load(repo / "models" / "best.pt", weights_only=True)
+    mae = torch.load(repo / "models" / "encoder.pt", weights_only=True)
     assert (mae["vit"]["channels"], mae["vit"]["image_size"]) == (1, 16)
     for name in ("finetune", "probe", "scratch"):
-        vit = torch.load(repo / "models" / f"{name}.pt", weights_only=True)["vit"]
+        vit = torch.load(repo / "models" / name / "s0.pt", weights_only=True)["vit"]
         assert (vit["channels"], vit["image_size"], vit["patch"], vit["pos_grid"]) == (3, 32, 4, 4), name
     # The probe keeps the pretrained encoder's weights: its patch embedding is the gray one / 3.
-    probe = torch.load(repo / "models" / "probe.pt", weights_only=True)["state_dict"]
+    probe = torch.load(repo / "models" / "probe" / "s0.pt", weights_only=True)["state_dict"]
     w_gray = mae["state_dict"]["encoder.patch_embed.weight"]
     torch.testing.assert_close(probe["encoder.patch_embed.weight"][:, 0::3], w_gray / 3)
     _, runs = mlflow_runs(repo)
@@ -67,4 +70,5 @@ def test_transfer_gray_16px_encoder_to_rgb_32px_cifar10(tmp_path):
     assert by_stage["finetune"].data.tags["dataset"] == "cifar10"
     assert "cifar10" in (repo / "reports" / "evaluate.md").read_text()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert lock["data"]["params"]["params.yaml"]["downstream"] == {"dataset": "cifar10", "image_size": 32}
+    lock_params = lock["data"]["params"]["params.yaml"]
+    assert (lock_params["downstream.dataset"], lock_params["downstream.image_size"]) == ("cifar10", 32)

@@ -19,8 +19,8 @@ def test_two_queued_experiments_run_in_parallel_on_a_fresh_store(tmp_path):
     schema migration is not safe against that, so maepipe creates it under a file lock."""
     repo = make_repo(tmp_path / "repo", tiny_params(**{"grid.patch": [8], "grid.mask_ratio": [0.5]}))
     assert not (repo / "mlflow.db").exists()
-    sh(["dvc", "exp", "run", "--queue", "-n", "ft1", "-S", "finetune.epochs=1"], repo)
-    sh(["dvc", "exp", "run", "--queue", "-n", "ft3", "-S", "finetune.epochs=3"], repo)
+    sh(["dvc", "exp", "run", "--queue", "-n", "ft1", "-S", "finetune.steps=10"], repo)
+    sh(["dvc", "exp", "run", "--queue", "-n", "ft3", "-S", "finetune.steps=30"], repo)
     sh(["dvc", "queue", "start", "-j", "2"], repo)
     deadline = time.time() + 900
     while time.time() < deadline:

@@ -72,7 +72,7 @@ def test_pipeline_logs_to_a_postgres_backed_tracking_server(tracking_server, tmp
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     chosen = json.loads((repo / "metrics" / "select.json").read_text())["cell"]
-    expected = (["data", "evaluate", f"select-{chosen}"] + [f"pretrain-{c}" for c in CELLS]
+    expected = (["data", "evaluate", f"select-{chosen}", f"pretrain_full-{chosen}"] + [f"pretrain-{c}" for c in CELLS]
                 + [f"{stage}-{chosen}" for stage in DOWNSTREAM])
     assert sorted(r.info.run_name for r in runs) == sorted(expected)
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
@@ -83,14 +83,16 @@ def test_pipeline_logs_to_a_postgres_backed_tracking_server(tracking_server, tmp
     assert pre.data.params["patch"] == "4" and pre.data.params["mask_ratio"] == "0.5"
     history = client.get_metric_history(pre.info.run_id, "val_mse")
     assert [m.step for m in history] == [1, 2] and all(0 < m.value < 1 for m in history)
-    assert 0 < pre.data.metrics["knn_acc"] <= 1
+    metrics = json.loads((repo / "metrics" / "pretrain" / "p4-m0.5.json").read_text())
+    assert history[-1].value == pytest.approx(metrics["val_mse"])
 
     # Artifacts: listed and downloaded through the server, byte for byte what the stage wrote.
     assert {"p4-m0.5.png", "p4-m0.5.csv"} <= {a.path for a in client.list_artifacts(pre.info.run_id)}
     got = Path(client.download_artifacts(pre.info.run_id, "p4-m0.5.csv", str(tmp_path / "download")))
     assert got.read_bytes() == (repo / "plots" / "pretrain" / "p4-m0.5.csv").read_bytes()
     ev = next(r for r in runs if r.info.run_name == "evaluate")
-    assert "finetune_accuracy" in ev.data.metrics
+    ev_json = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert ev.data.metrics["finetune_accuracy_mean"] == pytest.approx(ev_json["arms"]["finetune"]["accuracy_mean"])
     assert {"roc.png", "confusion.png"} <= {a.path for a in client.list_artifacts(ev.info.run_id)}
 
     # ... and they live in the server's artifacts directory, not anywhere near the repo.

@@ -19,26 +19,42 @@ PRETRAIN_DATA = Path("data/prepared/pretrain.npz")
 DOWNSTREAM_DATA = Path("data/prepared/downstream.npz")
 
 
+# The encoder that goes downstream: the selected cell after `pretrain_full`.
+ENCODER = MODELS / "encoder.pt"
+
+
 def mae_path(cell: str) -> Path:
     return MODELS / "mae" / f"{cell}.pt"
 
 
-def downstream_encoder(d: dict, init: str):
-    """The selected encoder adapted to the downstream images (channels, size, normalisation),
-    with its pretrained weights (`init: pretrained`) or freshly initialised (`init: random`: the
-    same architecture, the control arm). Returns (encoder, cell of the selected checkpoint)."""
+def arm_path(arm: str, k: int) -> Path:
+    """Checkpoint of downstream arm `arm` (probe, finetune, scratch, probe_random), repetition k."""
+    return MODELS / arm / f"s{k}.pt"
+
+
+def adapted_encoder(ckpt: dict, d: dict):
+    """The encoder of MAE checkpoint `ckpt` adapted to the downstream images `d` (channels, size,
+    normalisation); None when its patch does not divide their size."""
     from .. import checkpoint
     from ..adapt import adapt_encoder
-    from ..errors import UserError
-    from ..model import Encoder
 
-    best = checkpoint.load(MODELS / "best.pt")
-    encoder = checkpoint.encoder_from(best)
-    size, patch = d["x_train"].shape[-1], encoder.cfg.patch
-    if size % patch:
-        raise UserError(f"params: downstream.image_size = {size}: the selected encoder {best['meta']['cell']} has "
+    encoder = checkpoint.encoder_from(ckpt)
+    size = d["x_train"].shape[-1]
+    if size % encoder.cfg.patch:
+        return None
+    return adapt_encoder(encoder, d["x_train"].shape[1], size, d["mean"], d["std"])
+
+
+def downstream_encoder(d: dict):
+    """The encoder that goes downstream (`models/encoder.pt`), adapted to the downstream images.
+    Returns (encoder, cell it was selected as)."""
+    from .. import checkpoint
+    from ..errors import UserError
+
+    ckpt = checkpoint.load(ENCODER)
+    encoder = adapted_encoder(ckpt, d)
+    if encoder is None:
+        size, patch = d["x_train"].shape[-1], ckpt["vit"]["patch"]
+        raise UserError(f"params: downstream.image_size = {size}: the selected encoder {ckpt['meta']['cell']} has "
                         f"patch {patch}, which must divide it (sizes allowed: multiples of {patch})")
-    encoder = adapt_encoder(encoder, d["x_train"].shape[1], size, d["mean"], d["std"])
-    if init == "random":
-        encoder = Encoder(encoder.cfg)
-    return encoder, best["meta"]["cell"]
+    return encoder, ckpt["meta"]["cell"]

@@ -20,6 +20,9 @@ def run(p: Params) -> None:
         same = (p.downstream_dataset, p.downstream_size) == (p.data.dataset, p.data.image_size)
         if not same:
             arrays["downstream"] = _prepare(p, p.downstream_dataset, p.downstream_size)
+        down = arrays.get("downstream", arrays["pretrain"])
+        for seed in p.downstream_seeds():  # a budget larger than a class fails here, before any training
+            data.label_budget(down["y_train"], p.downstream.labels_per_class, seed, down["classes"])
         data.save_prepared(arrays["pretrain"], PRETRAIN_DATA)
         if same:
             write_bytes(DOWNSTREAM_DATA, PRETRAIN_DATA.read_bytes())

@@ -1,16 +1,23 @@
-"""Stage `evaluate`: test-split accuracy, ROC-AUC (per class, macro, micro), ROC curves,
-confusion matrices and a figure of predictions, for the probed and fine-tuned MAE encoder and
-the two controls: the same classifier trained from scratch, and a probe on a random encoder."""
+"""Stage `evaluate`: every arm's repetitions on the downstream test split (accuracy, per-class
+one-vs-rest ROC-AUC, macro and micro AUC), a logistic regression on raw pixels with the same labels
+(the floor every arm is shown against), and the paired comparisons that answer "what did MAE
+pretraining buy": the difference in accuracy with a 95 % bootstrap CI over test images and seeds,
+and McNemar's exact test per seed. Every per-image prediction is written out, so every number here
+can be recomputed from the repository."""
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from .. import checkpoint, data, engine, report, tracking
+from .. import checkpoint, data, engine, report, stats, tracking
 from ..params import Params
-from . import DOWNSTREAM_DATA, IMAGES, METRICS, MODELS, PLOTS, REPORTS
+from . import DOWNSTREAM_DATA, IMAGES, METRICS, PLOTS, REPORTS, arm_path
 
-MODELS_EVALUATED = ("finetune", "probe", "scratch", "probe_random")
+ARMS = ("finetune", "scratch", "probe", "probe_random")
+PIXELS = "pixels_logreg"
+# (pretrained, control): the differences the run exists to measure, then each against the floor.
+COMPARISONS = (("finetune", "scratch"), ("probe", "probe_random"), ("finetune", PIXELS), ("probe", PIXELS),
+               ("scratch", PIXELS))
 PREDICTION_IMAGES = 12
 # ROC curves go to DVC on one shared false-positive-rate grid (one column per class), denser
 # near zero where good classifiers do all their climbing.
@@ -37,42 +44,110 @@ def scores(y: np.ndarray, probs: np.ndarray, classes) -> tuple[dict, dict]:
     return metrics, curves
 
 
+def pixel_floor(d: dict, chosen: np.ndarray, seed: int) -> np.ndarray:
+    """Test-set class probabilities of a multinomial logistic regression on raw pixels in [0, 1],
+    fitted on the same labelled images the arms got."""
+    from sklearn.linear_model import LogisticRegression
+
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float64) / 255.0
+    model = LogisticRegression(max_iter=2000, random_state=seed)
+    model.fit(flat(d["x_train"][chosen]), d["y_train"][chosen])
+    probs = np.zeros((len(d["y_test"]), len(d["classes"])))
+    probs[:, model.classes_] = model.predict_proba(flat(d["x_test"]))
+    return probs
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    out = {}
+    for key in ("accuracy", "auc_macro", "auc_micro"):
+        out[f"{key}_mean"], out[f"{key}_sd"] = stats.mean_sd([s[key] for s in per_seed])
+    out["seeds"] = [{k: s[k] for k in ("accuracy", "auc_macro", "auc_micro")} for s in per_seed]
+    out["auc_per_class"] = per_seed[0]["auc_per_class"]  # the first repetition's, for the ROC figure
+    return out
+
+
+def compare(correct: dict, a: str, b: str, seed: int) -> dict:
+    boot = stats.paired_bootstrap(correct[a], correct[b], seed=seed)
+    tests = [stats.mcnemar(ra, rb) for ra, rb in zip(correct[a], correct[b])]
+    return {**boot, "mcnemar_p": [t["p"] for t in tests], "mcnemar_p_max": max(t["p"] for t in tests)}
+
+
 def run(p: Params) -> None:
     device = engine.setup(p.device, p.seed)
     d = data.load_prepared(DOWNSTREAM_DATA)
     classes = [str(c) for c in d["classes"]]
     x_test = engine.to_device(d["x_test"], device)
     y_test = d["y_test"]
-    # Load and score both models before writing anything: a missing checkpoint leaves no half report.
-    classifiers = {name: checkpoint.build_classifier(checkpoint.load(MODELS / f"{name}.pt")).to(device).eval()
-                   for name in MODELS_EVALUATED}
+    seeds = p.downstream_seeds()
+    # Load and score every checkpoint before writing anything: a missing one leaves no half report.
+    probs = {arm: [] for arm in (*ARMS, PIXELS)}
+    for arm in ARMS:
+        for k in range(len(seeds)):
+            clf = checkpoint.build_classifier(checkpoint.load(arm_path(arm, k))).to(device).eval()
+            logits = engine.predict(clf, x_test, 512, device)
+            probs[arm].append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64))
+    budgets = [data.label_budget(d["y_train"], p.downstream.labels_per_class, s, d["classes"]) for s in seeds]
+    probs[PIXELS] = [pixel_floor(d, chosen, s) for chosen, s in zip(budgets, seeds)]
+
+    results, curves, preds = {}, {}, {}
+    for arm, runs in probs.items():
+        per_seed = []
+        for k, pr in enumerate(runs):
+            metrics, c = scores(y_test, pr, classes)
+            per_seed.append(metrics)
+            if k == 0:
+                curves[arm] = c
+        results[arm] = summarise(per_seed)
+        preds[arm] = np.stack([pr.argmax(1) for pr in runs])
+    correct = {arm: preds[arm] == y_test[None] for arm in preds}
+    comparisons = {f"{a}-{b}": compare(correct, a, b, p.seed) for a, b in COMPARISONS}
+    summary = {"test_images": int(len(y_test)), "labels_per_class": p.downstream.labels_per_class,
+               "labels": int(len(budgets[0])), "seeds": seeds, "arms": results, "comparisons": comparisons}
+
     params = {"seed": p.seed, "device": p.device, "downstream.dataset": p.downstream_dataset,
-              "downstream.image_size": p.downstream_size}
+              "downstream.image_size": p.downstream_size,
+              "downstream.labels_per_class": p.downstream.labels_per_class, "downstream.seeds": len(seeds)}
     with tracking.start(p.mlflow.experiment, "evaluate", params, p.downstream_dataset) as run:
-        results, all_curves, cms, preds = {}, {}, {}, {}
-        for name, clf in classifiers.items():
-            probs = torch.softmax(engine.predict(clf, x_test, 512, device), dim=1).cpu().numpy().astype(np.float64)
-            results[name], all_curves[name] = scores(y_test, probs, classes)
-            preds[name] = probs.argmax(1)
-            cms[name] = confusion_matrix(y_test, preds[name], labels=list(range(len(classes))))
-        for name in classifiers:
-            rows = [{"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in all_curves[name].items()}}
+        for arm in probs:
+            rows = [{"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in curves[arm].items()}}
                     for f in FPR_GRID]
-            report.write_csv(rows, PLOTS / "evaluate" / f"roc_{name}.csv")
-            report.write_csv([{"actual": classes[a], "predicted": classes[b]} for a, b in zip(y_test, preds[name])],
-                             PLOTS / "evaluate" / f"confusion_{name}.csv")
-            run.log_metrics({f"{name}_{k}": v for k, v in results[name].items() if k != "auc_per_class"})
-        report.write_json(results, METRICS / "evaluate.json")
-        summary = [{"model": name, "accuracy": r["accuracy"], "auc_macro": r["auc_macro"], "auc_micro": r["auc_micro"]}
-                   for name, r in results.items()]
-        report.write_markdown_table(summary, REPORTS / "evaluate.md",
-                                    f"Test split of {p.downstream_dataset} ({len(y_test)} images, "
-                                    f"{p.downstream_size}x{p.downstream_size})")
-        report.roc_figure(all_curves, IMAGES / "roc.png")
+            report.write_csv(rows, PLOTS / "evaluate" / f"roc_{arm}.csv")
+            report.write_csv([{"actual": classes[a], "predicted": classes[b]} for a, b in zip(y_test, preds[arm][0])],
+                             PLOTS / "evaluate" / f"confusion_{arm}.csv")
+            r = results[arm]
+            run.log_metrics({f"{arm}_{k}": v for k, v in r.items() if k.endswith(("_mean", "_sd"))})
+        for name, c in comparisons.items():
+            run.log_metrics({f"{name}_{k}": c[k] for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")})
+        # Every repetition's prediction for every test image: the intervals can be recomputed from this.
+        table = [{"image": i, "label": int(y_test[i]),
+                  **{f"{arm}_s{k}": int(preds[arm][k, i]) for arm in preds for k in range(len(seeds))}}
+                 for i in range(len(y_test))]
+        report.write_csv(table, PLOTS / "evaluate" / "predictions.csv")
+        report.write_json(summary, METRICS / "evaluate.json")
+        _write_report(summary, p, REPORTS / "evaluate.md")
+        report.roc_figure({a: curves[a] for a in ARMS}, IMAGES / "roc.png")
+        cms = {arm: confusion_matrix(y_test, preds[arm][0], labels=list(range(len(classes)))) for arm in ARMS}
         report.confusion_figure(cms, classes, IMAGES / "confusion.png")
         pick = np.random.default_rng(p.seed).choice(len(y_test), size=min(PREDICTION_IMAGES, len(y_test)), replace=False)
-        report.predictions_figure(d["x_test"][pick] / 255.0, y_test[pick], {k: v[pick] for k, v in preds.items()},
+        report.predictions_figure(d["x_test"][pick] / 255.0, y_test[pick], {a: preds[a][0][pick] for a in ARMS},
                                   classes, IMAGES / "predictions.png")
         for name in ("roc.png", "confusion.png", "predictions.png"):
             run.log_artifact(IMAGES / name)
         run.log_artifact(REPORTS / "evaluate.md")
+        run.log_artifact(PLOTS / "evaluate" / "predictions.csv")
+
+
+def _write_report(summary: dict, p: Params, path) -> None:
+    n, seeds = summary["test_images"], len(summary["seeds"])
+    arms = [{"arm": arm, "test accuracy (mean ± sd)": f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f}",
+             "macro AUC": f"{r['auc_macro_mean']:.4f} ± {r['auc_macro_sd']:.4f}",
+             "per seed": " / ".join(f"{s['accuracy']:.4f}" for s in r["seeds"])}
+            for arm, r in summary["arms"].items()]
+    comps = [{"comparison": name, "accuracy difference": f"{c['diff'] * 100:+.2f} points",
+              "95 % CI": f"[{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]",
+              "McNemar p per seed": " / ".join(f"{x:.2g}" for x in c["mcnemar_p"])}
+             for name, c in summary["comparisons"].items()]
+    report.write_markdown_table(
+        arms, path, f"Test split of {p.downstream_dataset} ({n} images, {p.downstream_size}x{p.downstream_size}); "
+                    f"{summary['labels']} labels ({p.downstream.labels_per_class} per class), {seeds} seeds",
+        extra=[("Paired differences (bootstrap over test images and seeds)", comps)])

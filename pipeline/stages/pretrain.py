@@ -3,10 +3,10 @@ import time
 
 import torch
 
-from .. import checkpoint, data, dist, engine, report, represent, tracking
+from .. import checkpoint, data, dist, engine, report, tracking
 from ..augment import augment
 from ..errors import UserError
-from ..model import MAE, ViTConfig, masked_pixel_sse, pooled_features, unpatchify
+from ..model import MAE, ViTConfig, masked_pixel_sse, num_visible, unpatchify
 from ..params import Params, cell_name, check_cell, flatten
 from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, mae_path
 
@@ -34,18 +34,43 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     m, pt = p.model, p.pretrain
     decoder = {"decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "decoder_heads": m.decoder_heads}
     mae = MAE(cfg, mask_ratio, loss=pt.loss, **decoder).to(device)
-    lr = engine.scaled_lr(pt.lr, pt.batch_size)
-    optimizer = engine.make_optimizer("adamw", engine.param_groups(mae, lr, pt.weight_decay), device)
-    net = engine.Compiled(engine.distribute(mae, device), engine.want_compile(p.compile, device), f"pretrain {cell}")
-    phase_of = pt.phase_of()
-    current = {"ops": ()}
-    aug_gen = torch.Generator(device=device).manual_seed(p.seed + 2)
+    params = {"seed": p.seed, "device": p.device, "compile": p.compile, "patch": patch, "mask_ratio": mask_ratio,
+              "mask_ratio_effective": effective_mask_ratio(cfg.num_patches, mask_ratio),
+              **flatten(p.data, "data."), **flatten(p.model, "model."), **flatten(pt, "pretrain."),
+              "pretrain.lr_scaled": engine.scaled_lr(pt.lr, pt.batch_size)}
+    with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
+        result = train_mae(p, mae, x_train, x_val, pt, f"pretrain {cell}", run, device)
+        if result is None:
+            return
+        metrics = {"patch": patch, "mask_ratio": mask_ratio,
+                   "mask_ratio_effective": params["mask_ratio_effective"], **result["final"]}
+        write_outputs(mae, result, metrics, x_val, p, cell, run, device,
+                      model_path=mae_path(cell), metrics_path=METRICS / "pretrain" / f"{cell}.json",
+                      curve_path=PLOTS / "pretrain" / f"{cell}.csv",
+                      recon_path=IMAGES / "recon" / f"{cell}.png",
+                      curve_figure=IMAGES / "pretrain_curve" / f"{cell}.png",
+                      phases=pt.phases, decoder=decoder)
 
-    def before_epoch(epoch):
-        current["ops"] = pt.phases[phase_of[epoch - 1] - 1].augment
+
+def effective_mask_ratio(num_patches: int, mask_ratio: float) -> float:
+    """The fraction really hidden: floor(L * ratio) / L (with 4 patches, 0.5 and 0.7 both hide 2)."""
+    return (num_patches - num_visible(num_patches, mask_ratio)) / num_patches
+
+
+def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, device) -> dict | None:
+    """Train `mae` on `x_train` (uint8 on the device) under `schedule` (phases, batch size, lr,
+    weight decay, warm-up), logging each epoch to `run`. Returns the final numbers and the curve on
+    the main process, None elsewhere (under torchrun only rank 0 writes)."""
+    lr = engine.scaled_lr(schedule.lr, schedule.batch_size)
+    optimizer = engine.make_optimizer("adamw", engine.param_groups(mae, lr, schedule.weight_decay), device)
+    net = engine.Compiled(engine.distribute(mae, device), engine.want_compile(p.compile, device), stage)
+    phase_of = schedule.phase_of()
+    aug_gen = torch.Generator(device=device).manual_seed(p.seed + 2)
+    ops_of_epoch = [schedule.phases[phase - 1].augment for phase in phase_of]
+    epoch_ops = {"ops": ops_of_epoch[0]}
 
     def step(idx):
-        return engine.StepOutput(net(augment(engine.as_float(x_train[idx]), current["ops"], aug_gen))["loss"])
+        return engine.StepOutput(net(augment(engine.as_float(x_train[idx]), epoch_ops["ops"], aug_gen))["loss"])
 
     def validate():
         # The same masks every epoch and for every run: the curve moves only because the model does.
@@ -53,74 +78,61 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
         loss_sum = torch.zeros((), device=device)
         sse = torch.zeros((), device=device)
         pixels = torch.zeros((), device=device)
-        for chunk in x_val.split(pt.batch_size):
+        for chunk in x_val.split(schedule.batch_size):
             out = mae(engine.as_float(chunk), generator=gen)
             loss_sum += out["loss"].float() * len(chunk)
             s, n = masked_pixel_sse(mae.to_pixels(out["pred"], out["target"]), out["target"], out["mask"])
             sse += s
             pixels += n
-        return {"val_loss": loss_sum.item() / len(x_val), "val_mse": (sse / pixels).item()}
+        result = {"val_loss": loss_sum.item() / len(x_val)}
+        # A norm_pix model predicts a hidden patch only up to that patch's own mean and std: turning
+        # it into pixels needs the answer's statistics, so its pixel MSE is not reported at all.
+        if mae.loss_kind != "norm_pix":
+            result["val_mse"] = (sse / pixels).item()
+        return result
 
-    params = {"seed": p.seed, "device": p.device, "compile": p.compile, "patch": patch, "mask_ratio": mask_ratio,
-              **flatten(p.data, "data."), **flatten(p.model, "model."), **flatten(pt, "pretrain."),
-              "pretrain.lr_scaled": lr}
-    with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
-        curve = []
+    curve = []
 
-        def on_epoch(epoch, metrics):
-            phase = phase_of[epoch - 1]
-            curve.append({"epoch": epoch, "phase": phase,
-                          **{k: metrics[k] for k in ("train_loss", "val_loss", "val_mse")}})
-            run.log_epoch(epoch, {**metrics, "phase": phase})
+    def on_epoch(epoch, metrics):
+        phase = phase_of[epoch - 1]
+        curve.append({"epoch": epoch, "phase": phase,
+                      **{k: metrics.get(k) for k in ("train_loss", "val_loss", "val_mse")}})
+        run.log_epoch(epoch, {**metrics, "phase": phase})
 
-        start = time.perf_counter()
-        history = engine.fit(stage=f"pretrain {cell}", model=mae, optimizer=optimizer,
-                             n_train=len(x_train), epochs=pt.epochs, batch_size=pt.batch_size,
-                             warmup_epochs=pt.warmup_epochs, device=device, seed=p.seed, step=step,
-                             validate=validate, on_epoch=on_epoch, before_epoch=before_epoch, compiled=net)
-        seconds = time.perf_counter() - start
-        if not dist.is_main():
-            return
-        final = history[-1]
-        metrics = {"patch": patch, "mask_ratio": mask_ratio, "train_loss": final["train_loss"],
-                   "val_loss": final["val_loss"], "val_mse": final["val_mse"],
-                   **representation_quality(mae, d, p, device)}
-        run.log_metrics({"images_per_s": pt.epochs * len(x_train) / seconds, "seconds": seconds,
-                         "knn_acc": metrics["knn_acc"], "probe_acc": metrics["probe_acc"]})
+    def before_epoch(epoch):
+        epoch_ops["ops"] = ops_of_epoch[epoch - 1]
 
-        figure = IMAGES / "recon" / f"{cell}.png"
-        _reconstruction_figure(mae, x_val[:FIGURE_IMAGES], device, p.seed, cell, metrics["val_mse"], figure)
-        checkpoint.save(mae_path(cell), checkpoint.mae_payload(mae, decoder=decoder, cell=cell, metrics=metrics))
-        report.write_json(metrics, METRICS / "pretrain" / f"{cell}.json")
-        report.write_csv(curve, PLOTS / "pretrain" / f"{cell}.csv")
-        curve_figure = IMAGES / "pretrain_curve" / f"{cell}.png"
-        report.pretrain_curve_figure(curve, [ph.describe() for ph in pt.phases],
-                                     f"MAE {cell}: loss per epoch", curve_figure)
-        for path in (figure, curve_figure, PLOTS / "pretrain" / f"{cell}.csv"):
-            run.log_artifact(path)
+    start = time.perf_counter()
+    history = engine.fit(stage=stage, model=mae, optimizer=optimizer, n_train=len(x_train),
+                         epochs=schedule.epochs, batch_size=schedule.batch_size,
+                         warmup_epochs=schedule.warmup_epochs, device=device, seed=p.seed, step=step,
+                         validate=validate, on_epoch=on_epoch, before_epoch=before_epoch, compiled=net)
+    seconds = time.perf_counter() - start
+    if not dist.is_main():
+        return None
+    steps = schedule.epochs * (len(x_train) // schedule.batch_size or 1)
+    run.log_metrics({"images_per_s": schedule.epochs * len(x_train) / seconds, "seconds": seconds, "steps": steps})
+    final = {k: history[-1].get(k) for k in ("train_loss", "val_loss", "val_mse")}
+    return {"final": {**final, "steps": steps}, "curve": curve}
 
 
-@torch.no_grad()
-def representation_quality(mae: MAE, d: dict, p: Params, device) -> dict[str, float]:
-    """How well the frozen encoder's features classify val images: cosine k-NN and a closed-form
-    linear probe, both fitted on the cell's training images. Labels are used here only to score
-    the cell; the encoder never saw them."""
-    mae.eval()
-    pt = p.pretrain
-    feats, labels = {}, {}
-    for split, limit in (("train", pt.train_limit), ("val", pt.val_limit)):
-        feats[split] = engine.predict(lambda x: pooled_features(mae.encoder, x, p.model.pool), engine.to_device(d[f"x_{split}"][:limit], device),
-                                      pt.batch_size, device)
-        labels[split] = engine.to_device(d[f"y_{split}"][:limit], device).long()
-    k = len(d["classes"])
-    return {"knn_acc": represent.knn_accuracy(feats["train"], labels["train"], feats["val"], labels["val"], k,
-                                              k=pt.knn_k),
-            "probe_acc": represent.ridge_probe_accuracy(feats["train"], labels["train"], feats["val"],
-                                                        labels["val"], k)}
+def write_outputs(mae: MAE, result: dict, metrics: dict, x_val, p: Params, name: str, run, device, *,
+                  model_path, metrics_path, curve_path, recon_path, curve_figure, phases, decoder) -> None:
+    """The files every MAE training leaves: checkpoint, metrics, curve, reconstructions, curve figure."""
+    score = (f"val MSE on masked pixels {metrics['val_mse']:.4f}" if metrics.get("val_mse") is not None
+             else f"val loss {metrics['val_loss']:.4f}")
+    _reconstruction_figure(mae, x_val[:FIGURE_IMAGES], device, p.seed, f"MAE {name}: {score}", recon_path)
+    checkpoint.save(model_path, checkpoint.mae_payload(mae, decoder=decoder, cell=name, metrics=metrics))
+    report.write_json(metrics, metrics_path)
+    report.write_csv(result["curve"], curve_path)
+    report.pretrain_curve_figure(result["curve"], [ph.describe() for ph in phases],
+                                 f"MAE {name}: loss per epoch", curve_figure)
+    for path in (recon_path, curve_figure, curve_path):
+        run.log_artifact(path)
 
 
 @torch.no_grad()
-def _reconstruction_figure(mae: MAE, images_u8, device, seed: int, cell: str, val_mse: float, path) -> None:
+def _reconstruction_figure(mae: MAE, images_u8, device, seed: int, title: str, path) -> None:
     mae.eval()
     x = engine.as_float(images_u8)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
@@ -133,4 +145,4 @@ def _reconstruction_figure(mae: MAE, images_u8, device, seed: int, cell: str, va
     # Visible patches as given, hidden ones as reconstructed: what the encoder saw plus what it inferred.
     recon = unpatchify(target * (1 - mask) + pixels * mask, p, c)
     report.reconstruction_figure(x.cpu().numpy(), masked.float().cpu().numpy(), recon.float().cpu().numpy(),
-                                 f"MAE {cell}: val MSE on masked pixels {val_mse:.4f}", path)
+                                 title, path)

@@ -1,51 +1,40 @@
-"""Stage `probe`: frozen encoder + a new head (LARS, warm-up + cosine) on the downstream data.
+"""Stage `probe`: the frozen encoder + a new head (LARS, warm-up + cosine), once per downstream
+seed, on that seed's label budget.
 
 `init: random` probes an untrained encoder of the same shape: the floor any pretraining must beat."""
-from .. import checkpoint, data, dist, engine, report, tracking
-from ..model import Classifier
+from .. import engine
+from ..model import Classifier, Encoder
 from ..params import Params, flatten
-from . import DOWNSTREAM_DATA, METRICS, MODELS, PLOTS, downstream_encoder
+from . import arm
 
 NAMES = {"pretrained": "probe", "random": "probe_random"}
+KEEP = ("train_loss", "val_loss", "val_acc")
 
 
 def run(p: Params, init: str = "pretrained") -> None:
-    name = NAMES[init]
-    device = engine.setup(p.device, p.seed)
-    d = data.load_prepared(DOWNSTREAM_DATA)
-    encoder, cell = downstream_encoder(d, init)
     pr = p.probe
-    head = {"num_classes": len(d["classes"]), "head": pr.head, "pool": p.model.pool, "mlp_hidden": pr.mlp_hidden}
-    clf = Classifier(encoder, **head).to(device)
-    clf.encoder.requires_grad_(False)
-    clf.encoder.eval()
-    # The encoder is frozen and inputs are not augmented, so its features are computed once and
-    # the head trains on them: an epoch costs a matrix multiply, not a ViT forward pass.
-    feats = {s: engine.predict(clf.features, engine.to_device(d[f"x_{s}"], device), pr.batch_size, device,
-                               mixed_precision=True)
-             for s in ("train", "val")}
-    labels = {s: engine.to_device(d[f"y_{s}"], device) for s in ("train", "val")}
     lr = engine.scaled_lr(pr.lr, pr.batch_size)
-    optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, lr, pr.weight_decay), device)
-    params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool, "init": init,
-              **flatten(p.downstream, "downstream."), **flatten(pr, "probe."), "probe.lr_scaled": lr}
-    with tracking.start(p.mlflow.experiment, name, params, p.downstream_dataset, cell) as run:
-        curve = []
 
-        def on_epoch(epoch, metrics):
-            curve.append({"epoch": epoch, **{k: metrics[k] for k in ("train_loss", "val_loss", "val_acc")}})
-            run.log_epoch(epoch, metrics)
+    def train_one(*, seed, encoder, x_train, y_train, x_val, y_val, device, on_round):
+        if init == "random":
+            encoder = Encoder(encoder.cfg)
+        head = {"num_classes": int(y_val.max().item()) + 1, "head": pr.head, "pool": p.model.pool,
+                "mlp_hidden": pr.mlp_hidden}
+        clf = Classifier(encoder, **head).to(device)
+        clf.encoder.requires_grad_(False)
+        clf.encoder.eval()
+        # The encoder is frozen and inputs are not augmented, so its features are computed once and
+        # the head trains on them: a step costs a matrix multiply, not a ViT forward pass.
+        feats = {s: engine.predict(clf.features, x, pr.batch_size, device, mixed_precision=True)
+                 for s, x in (("train", x_train), ("val", x_val))}
+        optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, lr, pr.weight_decay), device)
+        n_rounds, per_round = arm.rounds(pr.steps)
+        history = engine.fit_classifier(
+            stage=NAMES[init], module=clf.head, forward=engine.distribute(clf.head, device), optimizer=optimizer,
+            x_train=feats["train"], y_train=y_train, x_val=feats["val"], y_val=y_val, epochs=n_rounds,
+            steps_per_epoch=per_round, batch_size=pr.batch_size, warmup_epochs=pr.warmup_steps / per_round,
+            device=device, seed=seed,
+            on_epoch=lambda r, m: on_round(r * per_round, {k: m[k] for k in KEEP}))
+        return clf, head, [{k: h[k] for k in KEEP} for h in history]
 
-        history = engine.fit_classifier(stage=name, module=clf.head, forward=engine.distribute(clf.head, device),
-                                        optimizer=optimizer,
-                                        x_train=feats["train"], y_train=labels["train"], x_val=feats["val"],
-                                        y_val=labels["val"], epochs=pr.epochs, batch_size=pr.batch_size,
-                                        warmup_epochs=pr.warmup_epochs, device=device, seed=p.seed,
-                                        on_epoch=on_epoch)
-        if not dist.is_main():
-            return
-        final = {k: history[-1][k] for k in ("train_loss", "val_loss", "val_acc")}
-        checkpoint.save(MODELS / f"{name}.pt", checkpoint.classifier_payload(clf, head, stage=name, cell=cell))
-        report.write_json(final, METRICS / f"{name}.json")
-        report.write_csv(curve, PLOTS / name / "curve.csv")
-        run.log_artifact(PLOTS / name / "curve.csv")
+    arm.run(p, NAMES[init], {"init": init, **flatten(pr, "probe."), "probe.lr_scaled": lr}, train_one)

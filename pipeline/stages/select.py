@@ -1,25 +1,44 @@
-"""Stage `select`: pick the best grid cell (honouring the `patch` / `mask_ratio` pins) by
-`select.metric`, and compare what reconstruction and classification would each have chosen."""
-import numpy as np
+"""Stage `select`: score every grid cell on the label budget and pick the one that goes on to
+`pretrain_full` (honouring the `patch` / `mask_ratio` pins) by `select.metric`.
 
-from .. import checkpoint, report, represent, tracking
+Every cell is scored by reconstruction (`val_mse`, from its pretrain stage: no labels) and by how
+well its frozen features classify the budget's labelled images, cross-validated inside the budget
+(`knn_acc`: leave-one-out cosine k-NN; `probe_acc`: k-fold closed-form linear probe), so the choice
+uses no label beyond the budget. Beside them, the floors: a random encoder of every patch size and
+the raw pixels, scored the same way."""
+import numpy as np
+import torch
+
+from .. import checkpoint, data, engine, report, represent, tracking
 from ..errors import UserError
+from ..model import Encoder, pooled_features
 from ..params import HIGHER_IS_BETTER, Params, cell_name, check_downstream_size, flatten
-from . import IMAGES, METRICS, MODELS, PLOTS, REPORTS, mae_path
+from . import DOWNSTREAM_DATA, IMAGES, METRICS, MODELS, PLOTS, REPORTS, adapted_encoder, mae_path
 
 # The grid-wide views written for every run, whatever `select.metric` is.
 VIEWS = ("val_mse", "knn_acc", "probe_acc")
+# Scoring cells needs only a sample of a large budget: at most this many labels per class.
+SELECT_PER_CLASS = 1000
 
 
 def _key(metric: str):
     sign = -1 if metric in HIGHER_IS_BETTER else 1
-    # Ties (identical numbers) break towards the larger patch, the cheaper model downstream.
+    # Ties (identical numbers) break towards the larger patch, the cheaper model downstream, then
+    # the smaller mask ratio (with few patches two ratios can hide the same count: the same cell).
     return lambda r: (sign * r[metric], -r["patch"], r["mask_ratio"])
 
 
 def choose(rows: list[dict], metric: str, patch="auto", mask_ratio="auto") -> dict:
-    allowed = [r for r in rows if patch in ("auto", r["patch"]) and mask_ratio in ("auto", r["mask_ratio"])]
+    allowed = [r for r in rows if patch in ("auto", r["patch"]) and mask_ratio in ("auto", r["mask_ratio"])
+               and r.get(metric) is not None and r.get("fits", True)]
+    if not allowed:
+        raise UserError(f"select: no grid cell has a {metric} score under patch={patch}, mask_ratio={mask_ratio}")
     return min(allowed, key=_key(metric))
+
+
+def _scores(features: torch.Tensor, y: torch.Tensor, k: int, p: Params) -> dict:
+    return {"knn_acc": represent.knn_accuracy(features, y, features, y, k, k=p.select.knn_k, leave_one_out=True),
+            "probe_acc": represent.ridge_cv_accuracy(features, y, k, folds=p.select.folds)}
 
 
 def run(p: Params) -> None:
@@ -31,26 +50,61 @@ def run(p: Params) -> None:
             raise UserError(f"select: {path} is missing; run `dvc repro` so that every grid cell is pretrained")
         m = report.read_json(path)
         rows.append({"cell": cell, "patch": patch, "mask_ratio": mask,
-                     **{k: m[k] for k in ("train_loss", "val_loss", "val_mse", "knn_acc", "probe_acc")}})
+                     **{k: m.get(k) for k in ("mask_ratio_effective", "train_loss", "val_loss", "val_mse")}})
+    # Cells that hide the same number of patches are the same computation: say so, never silently.
+    for r in rows:
+        twins = [o["cell"] for o in rows if o is not r and o["patch"] == r["patch"]
+                 and o["mask_ratio_effective"] == r["mask_ratio_effective"]]
+        r["same_as"] = ",".join(twins)
+
+    device = engine.setup(p.device, p.seed)
+    d = data.load_prepared(DOWNSTREAM_DATA)
+    per_class = (SELECT_PER_CLASS if p.downstream.labels_per_class == "all"
+                 else min(p.downstream.labels_per_class, SELECT_PER_CLASS))
+    chosen = data.label_budget(d["y_train"], per_class, p.downstream_seeds()[0], d["classes"])
+    x = engine.to_device(d["x_train"][chosen], device)
+    y = engine.to_device(d["y_train"][chosen], device).long()
+    k = len(d["classes"])
+    features = lambda enc: engine.predict(lambda im: pooled_features(enc.to(device).eval(), im, p.model.pool),
+                                          x, 256, device)
+    for r in rows:
+        encoder = adapted_encoder(checkpoint.load(mae_path(r["cell"])), d)
+        # A cell whose patch does not tile the downstream images cannot go downstream.
+        r["fits"] = encoder is not None
+        r.update(_scores(features(encoder), y, k, p) if encoder is not None else {"knn_acc": None, "probe_acc": None})
+    floors = []
+    for patch in p.grid.patch:
+        encoder = adapted_encoder(checkpoint.load(mae_path(cell_name(patch, p.grid.mask_ratio[0]))), d)
+        if encoder is not None:
+            torch.manual_seed(p.seed)
+            floors.append({"floor": f"random encoder, patch {patch}", **_scores(features(Encoder(encoder.cfg)), y, k, p)})
+    pixels = (x.float() / 255.0).flatten(1)
+    floors.append({"floor": "raw pixels", **_scores(pixels, y, k, p)})
+
     metric = p.select.metric
     best = choose(rows, metric, p.patch, p.mask_ratio)
     check_downstream_size(p, best["patch"])
     for r in rows:
         r["chosen"] = r is best
-    # Rank agreement over the whole grid, signed so that +1 means "both call the same cells good".
-    neg_mse = [-r["val_mse"] for r in rows]
-    agreement = {f"spearman_val_mse_vs_{v}": represent.spearman(neg_mse, [r[v] for r in rows])
-                 for v in ("knn_acc", "probe_acc")}
-    # Undefined (a constant column, a one-cell grid) is null in JSON, not NaN.
-    agreement = {k: (v if np.isfinite(v) else None) for k, v in agreement.items()}
-    best_by = {v: choose(rows, v)["cell"] for v in VIEWS}
+    views = [v for v in VIEWS if all(r[v] is not None for r in rows)]
+    # Rank agreement over the grid, signed so that +1 means "both call the same cells good".
+    agreement = {}
+    if "val_mse" in views:
+        neg_mse = [-r["val_mse"] for r in rows]
+        for v in ("knn_acc", "probe_acc"):
+            rho = represent.spearman(neg_mse, [r[v] for r in rows]) if v in views else float("nan")
+            agreement[f"spearman_val_mse_vs_{v}"] = rho if np.isfinite(rho) else None
+    best_by = {v: choose(rows, v)["cell"] for v in views}
+    for r in rows:
+        del r["fits"]
     params = {"patch": p.patch, "mask_ratio": p.mask_ratio, "grid.patch": list(p.grid.patch),
-              "grid.mask_ratio": list(p.grid.mask_ratio), **flatten(p.select, "select.")}
+              "grid.mask_ratio": list(p.grid.mask_ratio), **flatten(p.select, "select."),
+              "downstream.labels_per_class": p.downstream.labels_per_class, "labels_used": len(chosen)}
     with tracking.start(p.mlflow.experiment, "select", params, p.data.dataset, best["cell"]) as run:
         checkpoint.copy(mae_path(best["cell"]), MODELS / "best.pt")
         pins = f"patch={p.patch}, mask_ratio={p.mask_ratio}"
         chosen_at = (p.grid.patch.index(best["patch"]), p.grid.mask_ratio.index(best["mask_ratio"]))
-        for view in VIEWS:
+        for view in views:
             values = np.array([[next(r[view] for r in rows if r["patch"] == pa and r["mask_ratio"] == ma)
                                 for ma in p.grid.mask_ratio] for pa in p.grid.patch])
             better = "higher" if view in HIGHER_IS_BETTER else "lower"
@@ -61,15 +115,21 @@ def run(p: Params) -> None:
         report.write_csv(rows, PLOTS / "select" / "grid.csv")
         rho = ", ".join(f"{k.split('_vs_')[1]} " + ("undefined" if v is None else f"{v:+.3f}")
                         for k, v in agreement.items())
-        report.write_markdown_table(rows, REPORTS / "grid.md",
-                                    f"MAE grid: chosen {best['cell']} by {metric} ({pins}); best by "
-                                    + ", ".join(f"{v}: {c}" for v, c in best_by.items())
-                                    + f"; Spearman rank correlation of -val_mse with {rho}")
+        twins = f"; {best['cell']} is the same cell as {best['same_as']} (same patches hidden)" if best["same_as"] else ""
+        report.write_markdown_table(
+            rows, REPORTS / "grid.md",
+            f"MAE grid: chosen {best['cell']} by {metric} ({pins}){twins}; best by "
+            + ", ".join(f"{v}: {c}" for v, c in best_by.items())
+            + (f"; Spearman rank correlation of -val_mse with {rho}" if rho else "")
+            + f". knn_acc / probe_acc: {len(chosen)} budget labels, cross-validated",
+            extra=[("Floors, scored on the same labels", floors)])
         result = {"cell": best["cell"], "patch": best["patch"], "mask_ratio": best["mask_ratio"],
-                  "metric": metric, "value": best[metric], "best_by": best_by, **agreement}
+                  "same_as": best["same_as"], "metric": metric, "value": best[metric], "best_by": best_by,
+                  "labels_used": int(len(chosen)), "floors": {f["floor"]: {k: f[k] for k in ("knn_acc", "probe_acc")}
+                                                           for f in floors}, **agreement}
         report.write_json(result, METRICS / "select.json")
         run.log_metrics({metric: best[metric], "patch_chosen": best["patch"], "mask_ratio_chosen": best["mask_ratio"],
                          **{k: v for k, v in agreement.items() if v is not None}})
-        for view in VIEWS:
+        for view in views:
             run.log_artifact(IMAGES / "grid" / f"{view}.png")
         run.log_artifact(REPORTS / "grid.md")

@@ -1,0 +1,140 @@
+"""The label-efficiency study: what MAE pretraining buys as the label budget grows.
+
+One named DVC experiment per budget (`labels-<N>`: `-S downstream.labels_per_class=N`), each
+running the four arms for `downstream.seeds` seeds at the same fixed number of steps, on the
+encoder of the committed default run (no grid cell or `pretrain_full` re-runs: they do not depend
+on the budget). The committed default (100 per class) is the N=100 point.
+
+    python studies/label_efficiency.py run       # the experiments (about 15 minutes on 2 cores)
+    python studies/label_efficiency.py report    # reports/label_efficiency.{md,json}, the figure
+
+`report` reads every experiment's `metrics/evaluate.json` and per-image predictions from its git
+ref and copies the predictions to `reports/label_efficiency/`, so every interval can be recomputed
+from the repository alone.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline import report, stats  # noqa: E402
+
+BUDGETS = ("10", "100", "1000", "all")
+DEFAULT = "100"  # the committed default run's budget: read from the workspace, not re-run
+ARMS = ("finetune", "scratch", "probe", "probe_random", "pixels_logreg")
+PAIRS = (("finetune", "scratch"), ("probe", "probe_random"))
+OUT = ROOT / "reports" / "label_efficiency"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def _exp_ref(name: str) -> str:
+    refs = [line.split() for line in _git("for-each-ref", "--format=%(objectname) %(refname)", "refs/exps").splitlines()]
+    found = [sha for sha, ref in refs if ref.rsplit("/", 1)[-1] == name]
+    if not found:
+        raise SystemExit(f"label_efficiency: no DVC experiment named {name}; run `python {__file__} run` first")
+    return found[-1]
+
+
+def _read(budget: str, rel: str) -> str:
+    if budget == DEFAULT:
+        return (ROOT / rel).read_text()
+    return _git("show", f"{_exp_ref(f'labels-{budget}')}:{rel}")
+
+
+def run() -> None:
+    for budget in BUDGETS:
+        if budget != DEFAULT:
+            subprocess.run(["dvc", "exp", "run", "--temp", "-n", f"labels-{budget}", "-S",
+                            f"downstream.labels_per_class={budget}"], cwd=ROOT, check=True)
+
+
+def collect() -> dict:
+    import csv
+
+    results = {}
+    OUT.mkdir(parents=True, exist_ok=True)
+    for budget in BUDGETS:
+        ev = json.loads(_read(budget, "metrics/evaluate.json"))
+        text = _read(budget, "plots/evaluate/predictions.csv")
+        (OUT / f"predictions_{budget}.csv").write_text(text)
+        rows = list(csv.DictReader(io.StringIO(text)))
+        label = np.array([int(r["label"]) for r in rows])
+        seeds = len(ev["seeds"])
+        correct = {arm: np.array([[int(r[f"{arm}_s{k}"]) for r in rows] for k in range(seeds)]) == label[None]
+                   for arm in ARMS}
+        arms = {}
+        for arm in ARMS:
+            ci = stats.paired_bootstrap(correct[arm], np.zeros_like(correct[arm]), seed=0)
+            arms[arm] = {"accuracy_mean": ev["arms"][arm]["accuracy_mean"], "accuracy_sd": ev["arms"][arm]["accuracy_sd"],
+                         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
+        results[budget] = {"labels": ev["labels"], "seeds": seeds, "arms": arms,
+                           "comparisons": {f"{a}-{b}": {k: ev["comparisons"][f"{a}-{b}"][k]
+                                                        for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")}
+                                           for a, b in PAIRS}}
+    return results
+
+
+def write(results: dict) -> None:
+    report.write_json(results, ROOT / "reports" / "label_efficiency.json")
+    rows = []
+    for budget, r in results.items():
+        row = {"labels per class": budget, "labels": r["labels"]}
+        for arm in ARMS:
+            a = r["arms"][arm]
+            row[arm] = f"{a['accuracy_mean']:.4f} ± {a['accuracy_sd']:.4f}"
+        for name, c in r["comparisons"].items():
+            row[name] = f"{c['diff'] * 100:+.2f} [{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]"
+        rows.append(row)
+    report.write_markdown_table(rows, ROOT / "reports" / "label_efficiency.md",
+                                "Label efficiency: test accuracy (mean ± sd over seeds) and paired differences "
+                                "in points [95 % CI over test images and seeds]")
+    _figure(results, ROOT / "plots" / "images" / "label_efficiency.png")
+
+
+def _figure(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.array([r["labels"] for r in results.values()], dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for arm in ARMS:
+        mean = np.array([r["arms"][arm]["accuracy_mean"] for r in results.values()])
+        low = np.array([r["arms"][arm]["ci_low"] for r in results.values()])
+        high = np.array([r["arms"][arm]["ci_high"] for r in results.values()])
+        ax.plot(x, mean, marker="o", label=arm, linestyle="--" if arm == "pixels_logreg" else "-")
+        ax.fill_between(x, low, high, alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{int(v):,}" for v in x])
+    ax.set_xlabel("labelled training images (10 classes, balanced)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("What MAE pretraining buys per label budget (95 % CI: test images x seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    report.save_figure(fig, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=("run", "report"))
+    args = parser.parse_args()
+    if args.action == "run":
+        run()
+    write(collect())
+
+
+if __name__ == "__main__":
+    main()
