@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-STAGES = ("data", "pretrain", "select", "pretrain_full", "probe", "finetune", "evaluate")
+STAGES = ("data", "budget", "pretrain", "select", "pretrain_full", "probe", "finetune", "evaluate")
 DATA_PARALLEL = ("pretrain", "pretrain_full", "probe", "finetune")  # the stages that may run under torchrun
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES + ("preset", "validate"))
     parser.add_argument("name", nargs="?", help="preset name (for `preset`)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--marker", help="validate: write this constant file when the params are valid")
+    parser.add_argument("--marker", help="validate / budget: write this constant file when the check passes")
     parser.add_argument("--patch", type=_number(int), help="pretrain: the cell's patch size")
     parser.add_argument("--mask", type=_number(float), help="pretrain: the cell's mask ratio")
     parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
@@ -79,6 +79,12 @@ def _run(args) -> int:
                         f"data-parallel under torchrun")
     p = params_mod.load(args.params)
     if args.stage == "validate":
+        from .engine import resolve_device
+
+        resolve_device(p.device)  # `cuda` where there is none is a mistake too, found before any stage runs
+        from .stages.budget import check_early
+
+        check_early(p)
         if args.marker:
             # The DVC stage `validate`: every other stage depends on this file, whose content never
             # changes, so a valid edit re-runs only the stages whose own params changed, and an
@@ -87,6 +93,11 @@ def _run(args) -> int:
 
             write_bytes(Path(args.marker), b"params.yaml passed validation\n")
         print(f"{args.params}: ok ({len(p.cells())} grid cells)")
+        return 0
+    if args.stage == "budget":
+        from .stages import budget
+
+        budget.run(p, Path(args.marker or "data/budget.ok"))
         return 0
     if args.stage == "pretrain":
         if args.patch is None or args.mask is None:

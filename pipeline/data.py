@@ -306,6 +306,11 @@ def load_prepared(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def budget_too_large(per_class: int, name: str, available: int) -> UserError:
+    return UserError(f"params: downstream.labels_per_class = {per_class}: class {str(name)!r} has only "
+                     f"{available} training images; use at most {available} or all")
+
+
 def label_budget(labels: np.ndarray, per_class, seed: int, classes) -> np.ndarray:
     """Indices of a class-balanced labelled subset: `per_class` images of every class, drawn with
     `seed` (`all`: every index). These are the only labels the downstream stages may use, for
@@ -318,7 +323,6 @@ def label_budget(labels: np.ndarray, per_class, seed: int, classes) -> np.ndarra
     for c, name in enumerate(classes):
         members = np.flatnonzero(labels == c)
         if len(members) < per_class:
-            raise UserError(f"params: downstream.labels_per_class = {per_class}: class {name!r} has only "
-                            f"{len(members)} training images; use at most {len(members)} or all")
+            raise budget_too_large(per_class, name, len(members))
         picked.append(rng.choice(members, size=per_class, replace=False))
     return np.sort(np.concatenate(picked))

@@ -206,9 +206,9 @@ def param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict
 
 
 def layer_decay_groups(encoder: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Layer-wise lr decay for fine-tuning (BEiT, MAE): block i of D steps at
-    lr * layer_decay ** (D - i), the patch embedding and CLS token at lr * layer_decay ** D, the final
-    norm at lr. Low layers hold the most general pretrained features and move least.
+    """Layer-wise lr decay for fine-tuning (BEiT, MAE): block i (0-based) of D steps at
+    lr * layer_decay ** (D - i), the patch embedding and CLS token at lr * layer_decay ** (D + 1),
+    the final norm at lr. Low layers hold the most general pretrained features and move least.
     `layer_decay: 1` is one lr for the whole encoder."""
     depth = len(encoder.blocks)
 

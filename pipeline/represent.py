@@ -118,6 +118,17 @@ def ridge_cv_accuracy(x: torch.Tensor, y: torch.Tensor, num_classes: int, folds:
     return correct / len(y_cpu)
 
 
+def pca(x: torch.Tensor, k: int) -> torch.Tensor:
+    """`x` [N, D] projected on its top-k principal components (unsupervised: no label is read).
+
+    The raw-pixel floor goes through this so that the closed-form probe fits as many features as
+    an encoder gives it: on 784 raw pixels and ~800 labelled rows a least-squares probe would fit
+    noise, which measures the probe, not the pixels."""
+    centred = x.double() - x.double().mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[:k].T).float()
+
+
 def spearman(a, b) -> float:
     """Spearman rank correlation of two equal-length sequences (scipy.stats.spearmanr), ties averaged;
     returns float('nan') if either is constant or has fewer than 2 values (no warning printed)."""

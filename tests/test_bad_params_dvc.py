@@ -1,12 +1,14 @@
 """A mistyped `-S` value leaves the workspace as it was: the `validate` stage refuses it before
 DVC removes any output (issue: bad input is one clear line and nothing changed)."""
+import torch
+
 from conftest import sh
 
 # One mistake per section of params.yaml and every cross-field rule; the words of its one line.
 BAD = [
     (["seed=-1"], "seed = -1: must be an integer from 0"),
     (["device=tpu"], "device = 'tpu': must be one of"),
-    (["compile=yes"], "compile = 'yes': must be auto, true or false"),
+    (["compile=maybe"], "compile = 'maybe': must be auto, true or false"),
     (["patch=5"], "patch = 5: not in grid.patch [4, 8]"),
     (["mask_ratio=0.6"], "mask_ratio = 0.6: not in grid.mask_ratio [0.5, 0.75]"),
     (["grid.patch=[4,5]"], "grid.patch = 5: must divide data.image_size = 16"),
@@ -28,7 +30,12 @@ BAD = [
     (["finetune.augment=[flip]"], "finetune.augment = ['flip']: flip is not allowed for digits"),
     (["finetune.layer_decay=2"], "finetune.layer_decay = 2: must be a number in (0, 1]"),
     (["mlflow.experiment=''"], "mlflow.experiment = '': must be a non-empty string"),
+    # Needs the data: refused by the `budget` stage, which writes only its own persisted marker.
+    (["downstream.labels_per_class=500"], "downstream.labels_per_class = 500: class"),
 ]
+
+if not torch.cuda.is_available():  # a mistake only where there is no GPU
+    BAD.append((["device=cuda"], "device = 'cuda': no CUDA GPU is visible"))
 
 
 def test_every_bad_value_stops_before_any_output_is_removed(repro_copy):

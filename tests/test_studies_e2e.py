@@ -44,7 +44,7 @@ def test_transfer_gray_16px_encoder_to_rgb_32px_cifar10(tmp_path):
     write_cifar(raw / "cifar10", per_batch=20)
     params = tiny_params(**{
         "grid.patch": [4], "grid.mask_ratio": [0.5], "probe.steps": 4, "probe.warmup_steps": 1,
-        "downstream.labels_per_class": "all",
+        "downstream.labels_per_class": "all", "select.metric": "val_mse",
         "data.raw_dir": str(raw), "data.verify_checksums": False,
         "downstream.dataset": "cifar10", "downstream.image_size": 32})
     repo = make_repo(tmp_path / "repo", params)

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, cli, env, make_repo, sh, tiny_params, write_params
 from test_pipeline_e2e import DOWNSTREAM, mlflow_runs
 
-STAGES = sorted(["data", "pretrain", "select", "evaluate", *DOWNSTREAM])
+STAGES = sorted(["data", "pretrain", "select", "pretrain_full", "evaluate", *DOWNSTREAM])
 
 
 def test_two_queued_experiments_run_in_parallel_on_a_fresh_store(tmp_path):

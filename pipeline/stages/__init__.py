@@ -17,6 +17,9 @@ REPORTS = Path("reports")
 # (`downstream.*`; a byte copy of the first when it is the same data).
 PRETRAIN_DATA = Path("data/prepared/pretrain.npz")
 DOWNSTREAM_DATA = Path("data/prepared/downstream.npz")
+# Images per class of the downstream training split, and the params that made it: read by
+# `validate` to refuse a label budget too large before any stage runs.
+CLASS_COUNTS = Path("data/prepared/class_counts.json")
 
 
 # The encoder that goes downstream: the selected cell after `pretrain_full`.

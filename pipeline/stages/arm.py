@@ -26,7 +26,7 @@ def run(p: Params, arm: str, params: dict,
         train_one: Callable[..., tuple[torch.nn.Module, dict, list[dict]]]) -> None:
     """Train `arm` once per downstream seed on that seed's label budget and write its outputs.
 
-    `train_one(seed=, encoder=, x_train=, y_train=, x_val=, y_val=, device=, on_round=)` builds
+    `train_one(seed=, encoder=, num_classes=, x_train=, y_train=, x_val=, y_val=, device=, on_round=)` builds
     and trains one classifier, returning (classifier, head kwargs, history)."""
     device = engine.setup(p.device, p.seed)
     d = data.load_prepared(DOWNSTREAM_DATA)
@@ -48,7 +48,8 @@ def run(p: Params, arm: str, params: dict,
 
             torch.manual_seed(seed)  # head (and, for the controls, encoder) initialisation
             clf, head, history = train_one(
-                seed=seed, encoder=encoder, x_train=engine.to_device(d["x_train"][chosen], device),
+                seed=seed, encoder=encoder, num_classes=len(d["classes"]),
+                x_train=engine.to_device(d["x_train"][chosen], device),
                 y_train=engine.to_device(d["y_train"][chosen], device), x_val=x_val, y_val=y_val,
                 device=device, on_round=on_round)
             if not dist.is_main():

@@ -1,10 +1,12 @@
 """Stage `data`: obtain the pretraining and downstream datasets, verify them, write fixed splits."""
 from pathlib import Path
 
-from .. import data, tracking
+import numpy as np
+
+from .. import data, report, tracking
 from ..fsutil import write_bytes
 from ..params import Params, flatten
-from . import DOWNSTREAM_DATA, PRETRAIN_DATA
+from . import CLASS_COUNTS, DOWNSTREAM_DATA, PRETRAIN_DATA, budget
 
 
 def _prepare(p: Params, dataset: str, size: int) -> dict:
@@ -20,13 +22,14 @@ def run(p: Params) -> None:
         same = (p.downstream_dataset, p.downstream_size) == (p.data.dataset, p.data.image_size)
         if not same:
             arrays["downstream"] = _prepare(p, p.downstream_dataset, p.downstream_size)
-        down = arrays.get("downstream", arrays["pretrain"])
-        for seed in p.downstream_seeds():  # a budget larger than a class fails here, before any training
-            data.label_budget(down["y_train"], p.downstream.labels_per_class, seed, down["classes"])
         data.save_prepared(arrays["pretrain"], PRETRAIN_DATA)
         if same:
             write_bytes(DOWNSTREAM_DATA, PRETRAIN_DATA.read_bytes())
         else:
             data.save_prepared(arrays["downstream"], DOWNSTREAM_DATA)
+        down = arrays.get("downstream", arrays["pretrain"])
+        counts = np.bincount(down["y_train"], minlength=len(down["classes"]))
+        report.write_json({"made_by": budget.data_key(p), "classes": [str(c) for c in down["classes"]],
+                           "train_per_class": counts.tolist()}, CLASS_COUNTS)
         for name, a in arrays.items():
             run.log_metrics({f"{name}_n_{split}": len(a[f"y_{split}"]) for split in ("train", "val", "test")})

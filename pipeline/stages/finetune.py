@@ -23,10 +23,10 @@ def run(p: Params, init: str = "pretrained") -> None:
     lr_encoder, lr_head = (engine.scaled_lr(lr, ft.batch_size) for lr in (ft.lr_encoder, ft.lr_head))
     name = NAMES[init]
 
-    def train_one(*, seed, encoder, x_train, y_train, x_val, y_val, device, on_round):
+    def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
         # Every repetition starts from the same pretrained weights (or fresh random ones).
         encoder = Encoder(encoder.cfg) if init == "random" else copy.deepcopy(encoder)
-        head = {"num_classes": int(y_val.max().item()) + 1, "head": ft.head, "pool": p.model.pool,
+        head = {"num_classes": num_classes, "head": ft.head, "pool": p.model.pool,
                 "mlp_hidden": ft.mlp_hidden}
         clf = Classifier(encoder, **head).to(device)
         clf.encoder.set_drop_path(ft.drop_path)

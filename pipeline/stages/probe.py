@@ -15,17 +15,18 @@ def run(p: Params, init: str = "pretrained") -> None:
     pr = p.probe
     lr = engine.scaled_lr(pr.lr, pr.batch_size)
 
-    def train_one(*, seed, encoder, x_train, y_train, x_val, y_val, device, on_round):
+    def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
         if init == "random":
             encoder = Encoder(encoder.cfg)
-        head = {"num_classes": int(y_val.max().item()) + 1, "head": pr.head, "pool": p.model.pool,
+        head = {"num_classes": num_classes, "head": pr.head, "pool": p.model.pool,
                 "mlp_hidden": pr.mlp_hidden}
         clf = Classifier(encoder, **head).to(device)
         clf.encoder.requires_grad_(False)
         clf.encoder.eval()
         # The encoder is frozen and inputs are not augmented, so its features are computed once and
-        # the head trains on them: a step costs a matrix multiply, not a ViT forward pass.
-        feats = {s: engine.predict(clf.features, x, pr.batch_size, device, mixed_precision=True)
+        # the head trains on them: a step costs a matrix multiply, not a ViT forward pass. fp32, as
+        # evaluate scores the test images.
+        feats = {s: engine.predict(clf.features, x, pr.batch_size, device)
                  for s, x in (("train", x_train), ("val", x_val))}
         optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, lr, pr.weight_decay), device)
         n_rounds, per_round = arm.rounds(pr.steps)

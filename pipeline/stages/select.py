@@ -5,7 +5,7 @@ Every cell is scored by reconstruction (`val_mse`, from its pretrain stage: no l
 well its frozen features classify the budget's labelled images, cross-validated inside the budget
 (`knn_acc`: leave-one-out cosine k-NN; `probe_acc`: k-fold closed-form linear probe), so the choice
 uses no label beyond the budget. Beside them, the floors: a random encoder of every patch size and
-the raw pixels, scored the same way."""
+the raw pixels (projected to the encoder's width), scored the same way."""
 import numpy as np
 import torch
 
@@ -59,9 +59,12 @@ def run(p: Params) -> None:
 
     device = engine.setup(p.device, p.seed)
     d = data.load_prepared(DOWNSTREAM_DATA)
-    per_class = (SELECT_PER_CLASS if p.downstream.labels_per_class == "all"
-                 else min(p.downstream.labels_per_class, SELECT_PER_CLASS))
-    chosen = data.label_budget(d["y_train"], per_class, p.downstream_seeds()[0], d["classes"])
+    budget = p.downstream.labels_per_class
+    if budget == "all" and len(d["y_train"]) <= SELECT_PER_CLASS * len(d["classes"]):
+        chosen = np.arange(len(d["y_train"]))
+    else:
+        per_class = SELECT_PER_CLASS if budget == "all" else min(budget, SELECT_PER_CLASS)
+        chosen = data.label_budget(d["y_train"], per_class, p.downstream_seeds()[0], d["classes"])
     x = engine.to_device(d["x_train"][chosen], device)
     y = engine.to_device(d["y_train"][chosen], device).long()
     k = len(d["classes"])
@@ -78,8 +81,8 @@ def run(p: Params) -> None:
         if encoder is not None:
             torch.manual_seed(p.seed)
             floors.append({"floor": f"random encoder, patch {patch}", **_scores(features(Encoder(encoder.cfg)), y, k, p)})
-    pixels = (x.float() / 255.0).flatten(1)
-    floors.append({"floor": "raw pixels", **_scores(pixels, y, k, p)})
+    pixels = represent.pca((x.float() / 255.0).flatten(1), p.model.dim)
+    floors.append({"floor": f"raw pixels (PCA to {p.model.dim})", **_scores(pixels, y, k, p)})
 
     metric = p.select.metric
     best = choose(rows, metric, p.patch, p.mask_ratio)
