@@ -223,16 +223,14 @@ class Phase:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PretrainParams:
-    # Phases run back to back under one warm-up + cosine schedule: one optimiser, one curve.
+class MAESchedule:
+    """How an MAE trains: phases run back to back under one warm-up + cosine schedule (one
+    optimiser, one curve). Shared by the grid screen and `pretrain_full`."""
     phases: tuple = _field(phase_list)
     batch_size: int = _field(pos_int)
     lr: float = _field(pos_float)
     weight_decay: float = _field(nonneg_float)
     warmup_epochs: float = _field(nonneg_float, 0.0)
-    loss: str = _field(choice(*LOSSES), "mse")
-    train_limit: int | None = _field(opt_pos_int, None)
-    val_limit: int | None = _field(opt_pos_int, None)
 
     @property
     def epochs(self) -> int:
@@ -244,21 +242,16 @@ class PretrainParams:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PretrainFullParams:
-    """The selected cell, pretrained on: same loss, decoder and mask ratio as in the grid."""
-    phases: tuple = _field(phase_list)
-    batch_size: int = _field(pos_int)
-    lr: float = _field(pos_float)
-    weight_decay: float = _field(nonneg_float)
-    warmup_epochs: float = _field(nonneg_float, 0.0)
+class PretrainParams(MAESchedule):
+    loss: str = _field(choice(*LOSSES), "mse")
     train_limit: int | None = _field(opt_pos_int, None)
+    val_limit: int | None = _field(opt_pos_int, None)
 
-    @property
-    def epochs(self) -> int:
-        return sum(ph.epochs for ph in self.phases)
 
-    def phase_of(self) -> list[int]:
-        return [i for i, ph in enumerate(self.phases, 1) for _ in range(ph.epochs)]
+@dataclass(frozen=True, kw_only=True)
+class PretrainFullParams(MAESchedule):
+    """The selected cell, pretrained on: same loss, decoder and mask ratio as in the grid."""
+    train_limit: int | None = _field(opt_pos_int, None)
 
 
 @dataclass(frozen=True, kw_only=True)
