@@ -33,7 +33,7 @@ from pipeline import report, stats  # noqa: E402
 BUDGETS = ("10", "100", "1000", "all")
 DEFAULT = "100"  # the committed default run's budget: read from the workspace, not re-run
 ARMS = ("finetune", "scratch", "probe", "probe_random", "pixels_logreg")
-PAIRS = (("finetune", "scratch"), ("probe", "probe_random"))
+PAIRS = (("finetune", "scratch"), ("probe", "probe_random"), ("finetune", "pixels_logreg"))
 OUT = ROOT / "reports" / "label_efficiency"
 
 
