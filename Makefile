@@ -7,14 +7,14 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test bench setup data-source mlflow-ui mlflow-server team-deps browser-deps plots-html
+.PHONY: run test bench setup data-source mlflow-ui mlflow-server team-deps browser-deps compiler plots-html
 
 run: setup
 	dvc repro
 
 # The team tests (PostgreSQL tracking server, headless Chromium) need system packages: installed
 # here when we are root with apt-get; elsewhere those tests skip and say how to install them.
-test: setup team-deps browser-deps
+test: setup team-deps browser-deps compiler
 	pytest -q
 
 # A benchmark, not a test: maepipe's loop against the usual DataLoader loop (pipeline/bench.py).
@@ -50,6 +50,10 @@ mlflow-server: setup team-deps
 APT_INSTALL = if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null) \
 	    || echo "note: could not install $(1); the tests that need it will skip"; fi
+
+# torch.compile on the CPU builds its kernels with a C++ compiler (the compile test needs one).
+compiler:
+	@command -v $${CXX:-g++} >/dev/null || { $(call APT_INSTALL,g++); }
 
 team-deps:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(call APT_INSTALL,postgresql); }

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-STAGES = ("data", "budget", "pretrain", "select", "pretrain_full", "probe", "finetune", "evaluate")
+STAGES = ("validate", "data", "budget", "pretrain", "select", "pretrain_full", "probe", "finetune", "evaluate")
 DATA_PARALLEL = ("pretrain", "pretrain_full", "probe", "finetune")  # the stages that may run under torchrun
 
 
@@ -28,7 +28,7 @@ def _number(kind):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=STAGES + ("preset", "validate"))
+    parser.add_argument("stage", choices=STAGES + ("preset",))
     parser.add_argument("name", nargs="?", help="preset name (for `preset`)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--marker", help="validate / budget: write this constant file when the check passes")
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                              "weights (the controls `probe_random` and `scratch`)")
     args = parser.parse_args(argv)
 
+    import importlib
     import signal
 
     from .errors import Terminated, UserError
@@ -58,64 +59,41 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     finally:
         if args.stage in DATA_PARALLEL:
-            from .engine import teardown
-
-            teardown()
+            importlib.import_module(".engine", __package__).teardown()
 
 
 def _run(args) -> int:
+    # Stage modules are imported by name, so the static import graph of this file holds only what
+    # every stage needs: each stage's DVC code deps are this file's imports plus its own module's
+    # (tools/codedeps.py derives them from that graph).
+    import importlib
+
+    from . import dist
     from . import params as params_mod
     from .errors import UserError
 
     if args.stage == "preset":
-        from .presets import dvc_set_args
-
-        print(" ".join(dvc_set_args(args.name)))
+        print(" ".join(importlib.import_module(".presets", __package__).dvc_set_args(args.name)))
         return 0
-    from . import dist
-
     if dist.world_size() > 1 and args.stage not in DATA_PARALLEL:
         raise UserError(f"stage {args.stage!r} runs in one process; only {', '.join(DATA_PARALLEL)} run "
                         f"data-parallel under torchrun")
-    p = params_mod.load(args.params)
-    if args.stage == "validate":
-        from .engine import resolve_device
-
-        resolve_device(p.device)  # `cuda` where there is none is a mistake too, found before any stage runs
-        from .stages.budget import check_early
-
-        check_early(p)
-        if args.marker:
-            # The DVC stage `validate`: every other stage depends on this file, whose content never
-            # changes, so a valid edit re-runs only the stages whose own params changed, and an
-            # invalid one stops `dvc repro` before DVC removes any other stage's outputs.
-            from .fsutil import write_bytes
-
-            write_bytes(Path(args.marker), b"params.yaml passed validation\n")
-        print(f"{args.params}: ok ({len(p.cells())} grid cells)")
-        return 0
-    if args.stage == "budget":
-        from .stages import budget
-
-        budget.run(p, Path(args.marker or "data/budget.ok"))
-        return 0
-    if args.stage == "pretrain":
-        if args.patch is None or args.mask is None:
-            raise UserError("pretrain needs --patch and --mask (one grid cell)")
-        from .stages import pretrain
-
-        pretrain.run(p, args.patch, args.mask)
-        return 0
-    if args.stage in ("probe", "finetune"):
-        import importlib
-
-        importlib.import_module(f".stages.{args.stage}", __package__).run(p, args.init)
-        return 0
-    if args.init != "pretrained":
+    if args.init != "pretrained" and args.stage not in ("probe", "finetune"):
         raise UserError(f"--init applies to probe and finetune, not {args.stage}")
-    import importlib
-
-    importlib.import_module(f".stages.{args.stage}", __package__).run(p)
+    if args.stage == "pretrain" and (args.patch is None or args.mask is None):
+        raise UserError("pretrain needs --patch and --mask (one grid cell)")
+    p = params_mod.load(args.params)
+    stage = importlib.import_module(f".stages.{args.stage}", __package__)
+    if args.stage == "validate":
+        stage.run(p, Path(args.marker) if args.marker else None, args.params)
+    elif args.stage == "budget":
+        stage.run(p, Path(args.marker or "data/budget.ok"))
+    elif args.stage == "pretrain":
+        stage.run(p, args.patch, args.mask)
+    elif args.stage in ("probe", "finetune"):
+        stage.run(p, args.init)
+    else:
+        stage.run(p)
     return 0
 
 

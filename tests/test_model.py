@@ -74,8 +74,21 @@ def test_mae_forward_and_loss_only_on_masked(loss):
     # Changing the prediction on visible patches must not change the loss.
     tampered = out["pred"] + (1 - out["mask"]).unsqueeze(-1) * 100.0
     assert torch.allclose(mae.loss(tampered, out["target"], out["mask"]), out["loss"])
-    pixels = mae.to_pixels(out["pred"], out["target"])
-    assert pixels.min() >= 0 and pixels.max() <= 1
+    # Back to [0, 1] pixels by each loss's own inverse: a sigmoid for bce, the target patch's
+    # mean and std for norm_pix (its prediction is relative to them), a clamp for mse.
+    pred, target = out["pred"].detach(), out["target"]
+    pixels = mae.to_pixels(pred, target)
+    if loss == "bce":
+        expected = 1 / (1 + torch.exp(-pred))
+    elif loss == "norm_pix":
+        expected = (pred * target.std(-1, keepdim=True) + target.mean(-1, keepdim=True)).clamp(0, 1)
+    else:
+        expected = pred.clamp(0, 1)
+    torch.testing.assert_close(pixels, expected, atol=1e-3, rtol=1e-4)
+    # A perfect norm_pix prediction is the normalised target, and gives the target's pixels back.
+    if loss == "norm_pix":
+        perfect = (target - target.mean(-1, keepdim=True)) / target.std(-1, keepdim=True)
+        torch.testing.assert_close(mae.to_pixels(perfect, target), target, atol=1e-3, rtol=1e-4)
     out["loss"].backward()
     assert mae.encoder.patch_embed.weight.grad is not None
 

@@ -24,8 +24,10 @@ def _run_on_a_terminal(cwd, args) -> str:
         if not chunk:
             break
         out += chunk
-    os.waitpid(pid, 0)
-    return out.decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    return text
 
 
 def test_bar_with_loss_on_a_terminal_and_none_in_logs(tiny_repo):

@@ -72,6 +72,18 @@ def compare(correct: dict, a: str, b: str, seed: int) -> dict:
     return {**boot, "mcnemar_p": [t["p"] for t in tests], "mcnemar_p_max": max(t["p"] for t in tests)}
 
 
+def headline(summary: dict, cell: str) -> dict:
+    """The few numbers runs are compared by (`dvc exp show`'s table): the selected cell, the label
+    budget, each arm's mean test accuracy, and what pretraining bought, in points with its 95 % CI."""
+    out = {"cell": cell, "labels_per_class": summary["labels_per_class"]}
+    out.update({arm: round(r["accuracy_mean"], 4) for arm, r in summary["arms"].items()})
+    for name, short in (("finetune-scratch", "ft-scratch"), ("probe-probe_random", "probe-rand")):
+        c = summary["comparisons"][name]
+        out.update({short: round(100 * c["diff"], 2), f"{short}_lo": round(100 * c["ci_low"], 2),
+                    f"{short}_hi": round(100 * c["ci_high"], 2)})
+    return out
+
+
 def run(p: Params) -> None:
     device = engine.setup(p.device, p.seed)
     d = data.load_prepared(DOWNSTREAM_DATA)
@@ -83,7 +95,9 @@ def run(p: Params) -> None:
     probs = {arm: [] for arm in (*ARMS, PIXELS)}
     for arm in ARMS:
         for k in range(len(seeds)):
-            clf = checkpoint.build_classifier(checkpoint.load(arm_path(arm, k))).to(device).eval()
+            ckpt = checkpoint.load(arm_path(arm, k))
+            cell = ckpt["meta"]["cell"]
+            clf = checkpoint.build_classifier(ckpt).to(device).eval()
             logits = engine.predict(clf, x_test, 512, device)
             probs[arm].append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64))
     budgets = [data.label_budget(d["y_train"], p.downstream.labels_per_class, s, d["classes"]) for s in seeds]
@@ -124,6 +138,7 @@ def run(p: Params) -> None:
                  for i in range(len(y_test))]
         report.write_csv(table, PLOTS / "evaluate" / "predictions.csv")
         report.write_json(summary, METRICS / "evaluate.json")
+        report.write_json(headline(summary, cell), METRICS / "summary.json")
         _write_report(summary, p, REPORTS / "evaluate.md")
         report.roc_figure({a: curves[a] for a in ARMS}, IMAGES / "roc.png")
         cms = {arm: confusion_matrix(y_test, preds[arm][0], labels=list(range(len(classes)))) for arm in ARMS}

@@ -1,0 +1,69 @@
+"""DVC as a team uses it: models fetched by name (`dvc artifacts get`), the grid split across
+machines through a shared remote and its run cache, and an experiments table that fits a screen."""
+import json
+import re
+
+from conftest import make_repo, sh, tiny_params
+
+CELLS = {"a": ["pretrain@4-0.5", "pretrain@4-0.75"], "b": ["pretrain@8-0.5", "pretrain@8-0.75"]}
+# The README's line for `dvc exp show` (section "Pinning a cell, label budgets, experiments").
+EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep",
+            r"Experiment|Created|^patch$|^mask_ratio$|labels_per_class|^cell$|^finetune$|^scratch$|^probe$"
+            r"|^probe_random$|^pixels_logreg$|^ft-scratch|^probe-rand"]
+
+
+def test_models_are_fetched_by_name_from_a_clone(repro_template, tmp_path):
+    repo, _ = repro_template
+    from pipeline import checkpoint
+
+    sh(["dvc", "artifacts", "get", str(repo), "mae-encoder", "-o", "encoder.pt"], tmp_path)
+    assert (tmp_path / "encoder.pt").read_bytes() == (repo / "models" / "encoder.pt").read_bytes()
+    assert checkpoint.load(tmp_path / "encoder.pt")["meta"]["cell"] == json.loads(
+        (repo / "metrics" / "select.json").read_text())["cell"]
+    sh(["dvc", "artifacts", "get", str(repo), "finetuned-classifier", "-o", "classifier"], tmp_path)
+    assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["s0.pt", "s1.pt"]
+    clf = checkpoint.build_classifier(checkpoint.load(tmp_path / "classifier" / "s0.pt"))
+    assert clf.head.out_features == 10
+
+
+def test_grid_split_across_two_machines_trains_no_cell_again(tmp_path):
+    """Machines a and b each train half the grid and push outputs and run cache to one folder
+    remote; a third clone pulls the run cache and `dvc repro` restores every cell instead of training it."""
+    origin = make_repo(tmp_path / "origin", tiny_params())
+    sh(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], origin)
+    sh(["git", "commit", "-qam", "a shared DVC remote"], origin)
+    trained = {}
+    for machine, stages in CELLS.items():
+        clone = tmp_path / machine
+        sh(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+        out = sh(["dvc", "repro", *stages], clone).stdout
+        assert sorted(re.findall(r"Running stage '(pretrain@[^']+)'", out)) == sorted(stages)
+        sh(["dvc", "push", "--run-cache"], clone)
+        for stage in stages:
+            cell = "p" + stage.split("@")[1].replace("-", "-m")
+            trained[cell] = (clone / "metrics" / "pretrain" / f"{cell}.json").read_text()
+    third = tmp_path / "c"
+    sh(["git", "clone", "-q", str(origin), str(third)], tmp_path)
+    sh(["dvc", "pull", "--run-cache"], third)
+    out = sh(["dvc", "repro"], third).stdout
+    assert not re.findall(r"Running stage 'pretrain@", out), out
+    for stage in (*CELLS["a"], *CELLS["b"]):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
+    assert "Running stage 'select'" in out and "Running stage 'evaluate'" in out
+    for cell, metrics in trained.items():
+        assert (third / "metrics" / "pretrain" / f"{cell}.json").read_text() == metrics
+    assert "up to date" in sh(["dvc", "status"], third).stdout
+
+
+def test_the_documented_exp_show_line_fits_200_columns(repro_copy):
+    repo = repro_copy
+    sh(["dvc", "exp", "run", "-n", "fewer-labels", "-S", "downstream.labels_per_class=10"], repo)
+    full = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout.splitlines()[0].split(",")
+    out = sh(EXP_SHOW, repo, COLUMNS="1000").stdout
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 200, out
+    assert "fewer-labels" in out and "ft-scratch" in out and "labels_per_class" in out
+    # The summary is what this line keeps: every column of metrics/summary.json.
+    summary = json.loads((repo / "metrics" / "summary.json").read_text())
+    kept = sh([*EXP_SHOW, "--csv"], repo).stdout.splitlines()[0].split(",")
+    assert set(summary) <= set(kept) and len(kept) < len(full) / 5, (kept, len(full))
