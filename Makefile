@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test bench setup data-source mlflow-ui mlflow-server team-deps browser-deps compiler plots-html
+.PHONY: run test lint bench setup data-source mlflow-ui mlflow-server team-deps browser-deps compiler plots-html
 
 run: setup
 	dvc repro
@@ -16,6 +16,11 @@ run: setup
 # here when we are root with apt-get; elsewhere those tests skip and say how to install them.
 test: setup team-deps browser-deps compiler
 	pytest -q
+
+# Lint and format check (ruff.toml); `.ci/run` runs it before the tests. `ruff format .` fixes format.
+lint: setup
+	ruff check .
+	ruff format --check .
 
 # A benchmark, not a test: maepipe's loop against the usual DataLoader loop (pipeline/bench.py).
 bench: setup

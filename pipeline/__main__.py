@@ -2,6 +2,7 @@
 
 A user mistake (UserError) prints one line `maepipe: error: ...` and exits 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ def _number(kind):
             return kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+
     return parse
 
 
@@ -34,9 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--marker", help="validate / budget: write this constant file when the check passes")
     parser.add_argument("--patch", type=_number(int), help="pretrain: the cell's patch size")
     parser.add_argument("--mask", type=_number(float), help="pretrain: the cell's mask ratio")
-    parser.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
-                        help="probe / finetune: start from the selected MAE encoder or from random "
-                             "weights (the controls `probe_random` and `scratch`)")
+    parser.add_argument(
+        "--init",
+        choices=("pretrained", "random"),
+        default="pretrained",
+        help="probe / finetune: start from the selected MAE encoder or from random "
+        "weights (the controls `probe_random` and `scratch`)",
+    )
     args = parser.parse_args(argv)
 
     import importlib
@@ -76,8 +82,10 @@ def _run(args) -> int:
         print(" ".join(importlib.import_module(".presets", __package__).dvc_set_args(args.name)))
         return 0
     if dist.world_size() > 1 and args.stage not in DATA_PARALLEL:
-        raise UserError(f"stage {args.stage!r} runs in one process; only {', '.join(DATA_PARALLEL)} run "
-                        f"data-parallel under torchrun")
+        raise UserError(
+            f"stage {args.stage!r} runs in one process; only {', '.join(DATA_PARALLEL)} run "
+            f"data-parallel under torchrun"
+        )
     if args.init != "pretrained" and args.stage not in ("probe", "finetune"):
         raise UserError(f"--init applies to probe and finetune, not {args.stage}")
     if args.stage == "pretrain" and (args.patch is None or args.mask is None):

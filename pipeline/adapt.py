@@ -11,6 +11,7 @@ grid gets them evaluated at its patch centres in the old grid's coordinates (`po
 Input normalisation becomes the new dataset's own mean/std, so the first layer sees inputs
 scaled as in pretraining.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,9 @@ def inflate_patch_weight(weight: torch.Tensor, patch: int, old_channels: int, ne
     elif new_channels == 1:
         w = w.sum(dim=2, keepdim=True)
     else:
-        raise ValueError(f"cannot adapt a {old_channels}-channel patch embedding to {new_channels} channels; "
-                         f"only 1 <-> C is defined")
+        raise ValueError(
+            f"cannot adapt a {old_channels}-channel patch embedding to {new_channels} channels; only 1 <-> C is defined"
+        )
     return w.reshape(dim, patch * patch * new_channels).contiguous()
 
 
@@ -41,9 +43,14 @@ def adapt_encoder(encoder: Encoder, channels: int, image_size: int, mean, std) -
     cfg = encoder.cfg
     if image_size % cfg.patch:
         raise ValueError(f"image size {image_size} is not a multiple of the encoder's patch {cfg.patch}")
-    new_cfg = dataclasses.replace(cfg, image_size=image_size, channels=channels,
-                                  mean=tuple(float(x) for x in mean), std=tuple(float(x) for x in std),
-                                  pos_grid=cfg.pos_grid or cfg.grid)
+    new_cfg = dataclasses.replace(
+        cfg,
+        image_size=image_size,
+        channels=channels,
+        mean=tuple(float(x) for x in mean),
+        std=tuple(float(x) for x in std),
+        pos_grid=cfg.pos_grid or cfg.grid,
+    )
     if new_cfg.pos_grid == new_cfg.grid:
         new_cfg = dataclasses.replace(new_cfg, pos_grid=0)
     state = dict(encoder.state_dict())

@@ -2,6 +2,7 @@
 
 Every op folds into one affine per sample and one grid_sample for the batch, with no host sync.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,10 +57,13 @@ def augment(images: torch.Tensor, ops: tuple[str, ...], generator: torch.Generat
         # Whole pixels are 2/W apart with align_corners=False, so samples land on pixel centres.
         tx, ty = 2 * d[0] / w, 2 * d[1] / h
 
-    theta = torch.stack([
-        torch.stack([sx * f, zeros, cx - sx * f * tx], dim=1),
-        torch.stack([zeros, sy, cy - sy * ty], dim=1),
-    ], dim=1).to(images.dtype)
+    theta = torch.stack(
+        [
+            torch.stack([sx * f, zeros, cx - sx * f * tx], dim=1),
+            torch.stack([zeros, sy, cy - sy * ty], dim=1),
+        ],
+        dim=1,
+    ).to(images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     # Without crop every sample point is a pixel centre (up to rounding), so nearest is exact.
     mode = "bilinear" if "crop" in ops else "nearest"

@@ -8,6 +8,7 @@ batches there, runs bf16 autocast on CUDA and reads the loss once per epoch (eng
 Throughput is steady state: each measurement follows a warm-up. Results go to stdout as a table
 and to bench/results-<device>.json. Not a test: numbers depend on the machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,14 +27,22 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import data, engine, params as params_mod
+from . import data, engine
+from . import params as params_mod
 from .errors import UserError
 from .model import MAE, Classifier, Encoder, ViTConfig
 
 BATCH = 256
 # Dense bf16 peak of the GPUs we know, for model FLOPs utilisation (MFU).
-PEAK_BF16 = {"H100 SXM": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12, "H200": 989.4e12,
-             "A100": 312e12, "L4": 121e12, "A10": 125e12}
+PEAK_BF16 = {
+    "H100 SXM": 989.4e12,
+    "H100 PCIe": 756.5e12,
+    "H100": 989.4e12,
+    "H200": 989.4e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
 
 
 class PILDataset(Dataset):
@@ -58,6 +67,7 @@ class PILDataset(Dataset):
 
 def _naive_throughput(loss_fn, optimizer, images, labels, device, steps: int, warmup: int = 2) -> float:
     """The usual loop around `loss_fn(x, y)`: DataLoader, fp32, `loss.item()` every step."""
+
     def step(x, y):
         loss = loss_fn(x, y)
         optimizer.zero_grad()
@@ -65,8 +75,7 @@ def _naive_throughput(loss_fn, optimizer, images, labels, device, steps: int, wa
         optimizer.step()
         return loss
 
-    loader = DataLoader(PILDataset(images, labels), batch_size=BATCH, shuffle=True, drop_last=True,
-                        num_workers=0)
+    loader = DataLoader(PILDataset(images, labels), batch_size=BATCH, shuffle=True, drop_last=True, num_workers=0)
     it = iter(loader)
     for _ in range(warmup):
         x, y = next(it)
@@ -108,8 +117,17 @@ def flops_per_image(model_step, x: torch.Tensor) -> float:
 
 
 def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on: bool) -> dict:
-    cfg = ViTConfig(p.data.image_size, d["x_train"].shape[1], patch, p.model.dim, p.model.depth, p.model.heads,
-                    p.model.mlp_ratio, tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+    cfg = ViTConfig(
+        p.data.image_size,
+        d["x_train"].shape[1],
+        patch,
+        p.model.dim,
+        p.model.depth,
+        p.model.heads,
+        p.model.mlp_ratio,
+        tuple(map(float, d["mean"])),
+        tuple(map(float, d["std"])),
+    )
 
     def make():
         torch.manual_seed(0)
@@ -117,7 +135,7 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on
         return mae, torch.optim.AdamW(mae.parameters(), lr=1e-4)
 
     n = steps * BATCH
-    images, labels = d["x_train"][:n + 4 * BATCH], d["y_train"][:n + 4 * BATCH]
+    images, labels = d["x_train"][: n + 4 * BATCH], d["y_train"][: n + 4 * BATCH]
 
     mae, opt = make()
 
@@ -129,10 +147,21 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on
     net = engine.Compiled(mae, compile_on, "bench")
 
     def epoch():
-        engine.fit(stage="bench", model=mae, optimizer=opt, n_train=n, epochs=1, batch_size=BATCH,
-                   warmup_epochs=0, device=device, seed=0,
-                   step=lambda idx: engine.StepOutput(net(engine.as_float(x_dev[idx]))["loss"]),
-                   validate=dict, on_epoch=lambda e, m: None, compiled=net)
+        engine.fit(
+            stage="bench",
+            model=mae,
+            optimizer=opt,
+            n_train=n,
+            epochs=1,
+            batch_size=BATCH,
+            warmup_epochs=0,
+            device=device,
+            seed=0,
+            step=lambda idx: engine.StepOutput(net(engine.as_float(x_dev[idx]))["loss"]),
+            validate=dict,
+            on_epoch=lambda e, m: None,
+            compiled=net,
+        )
 
     fast, warmup_s = _fit_throughput(epoch, n, device)
     flops = flops_per_image(lambda x: mae(x)["loss"].backward(), engine.as_float(x_dev[:8]))
@@ -141,8 +170,17 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on
 
 def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile_on: bool) -> dict:
     """Fine-tune (frozen=False) or probe (frozen=True) throughput at `patch`."""
-    cfg = ViTConfig(p.data.image_size, d["x_train"].shape[1], patch, p.model.dim, p.model.depth, p.model.heads,
-                    p.model.mlp_ratio, tuple(map(float, d["mean"])), tuple(map(float, d["std"])))
+    cfg = ViTConfig(
+        p.data.image_size,
+        d["x_train"].shape[1],
+        patch,
+        p.model.dim,
+        p.model.depth,
+        p.model.heads,
+        p.model.mlp_ratio,
+        tuple(map(float, d["mean"])),
+        tuple(map(float, d["std"])),
+    )
     classes = len(d["classes"])
 
     def make():
@@ -154,7 +192,7 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile
         return clf, trainable
 
     n = steps * BATCH
-    images, labels = d["x_train"][:n + 4 * BATCH], d["y_train"][:n + 4 * BATCH]
+    images, labels = d["x_train"][: n + 4 * BATCH], d["y_train"][: n + 4 * BATCH]
     clf, trainable = make()
     opt = torch.optim.AdamW(trainable.parameters(), lr=1e-4)
 
@@ -175,19 +213,45 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile
         # maepipe's probe: features once, then the head trains on them (see stages/probe.py).
         def epoch():
             feats = engine.predict(clf.features, x_dev, BATCH, device, mixed_precision=True)
-            engine.fit_classifier(stage="bench", module=clf.head, forward=clf.head, optimizer=opt, x_train=feats,
-                                  y_train=y_dev, x_val=feats[:BATCH], y_val=y_dev[:BATCH], epochs=1,
-                                  batch_size=BATCH, warmup_epochs=0, device=device, seed=0,
-                                  on_epoch=lambda e, m: None)
+            engine.fit_classifier(
+                stage="bench",
+                module=clf.head,
+                forward=clf.head,
+                optimizer=opt,
+                x_train=feats,
+                y_train=y_dev,
+                x_val=feats[:BATCH],
+                y_val=y_dev[:BATCH],
+                epochs=1,
+                batch_size=BATCH,
+                warmup_epochs=0,
+                device=device,
+                seed=0,
+                on_epoch=lambda e, m: None,
+            )
     else:
         net = engine.Compiled(clf, compile_on, "bench")
 
         def epoch():
-            engine.fit_classifier(stage="bench", module=clf, forward=lambda u8: net(engine.as_float(u8)),
-                                  eval_forward=lambda u8: clf(engine.as_float(u8)), compiled=net,
-                                  optimizer=opt, x_train=x_dev, y_train=y_dev, x_val=x_dev[:BATCH],
-                                  y_val=y_dev[:BATCH], epochs=1, batch_size=BATCH, warmup_epochs=0,
-                                  device=device, seed=0, on_epoch=lambda e, m: None)
+            engine.fit_classifier(
+                stage="bench",
+                module=clf,
+                forward=lambda u8: net(engine.as_float(u8)),
+                eval_forward=lambda u8: clf(engine.as_float(u8)),
+                compiled=net,
+                optimizer=opt,
+                x_train=x_dev,
+                y_train=y_dev,
+                x_val=x_dev[:BATCH],
+                y_val=y_dev[:BATCH],
+                epochs=1,
+                batch_size=BATCH,
+                warmup_epochs=0,
+                device=device,
+                seed=0,
+                on_epoch=lambda e, m: None,
+            )
+
     fast, warmup_s = _fit_throughput(epoch, n, device)
     return {"fast": fast, "naive": naive, "warmup_s": warmup_s, "compiled": bool(net and net.active)}
 
@@ -209,8 +273,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed batches per row (default: 8 CPU, 50 CUDA)")
     ap.add_argument("--patches", default="2,4,7,14")
     ap.add_argument("--out", default="bench")
-    ap.add_argument("--compile", choices=("auto", "true", "false"), default=None,
-                    help="torch.compile maepipe's step (default: params.yaml's `compile`; auto = CUDA only)")
+    ap.add_argument(
+        "--compile",
+        choices=("auto", "true", "false"),
+        default=None,
+        help="torch.compile maepipe's step (default: params.yaml's `compile`; auto = CUDA only)",
+    )
     args = ap.parse_args(argv)
     try:
         p = params_mod.load(args.params)
@@ -226,8 +294,11 @@ def main(argv=None) -> int:
         return 2
     steps = args.steps or (50 if device.type == "cuda" else 8)
     if len(d["x_train"]) < (steps + 4) * BATCH:
-        print(f"maepipe: error: bench needs {(steps + 4) * BATCH} training images, {PRETRAIN_DATA} has "
-              f"{len(d['x_train'])}; lower --steps", file=sys.stderr)
+        print(
+            f"maepipe: error: bench needs {(steps + 4) * BATCH} training images, {PRETRAIN_DATA} has "
+            f"{len(d['x_train'])}; lower --steps",
+            file=sys.stderr,
+        )
         return 2
     setting = p.compile if args.compile is None else {"true": True, "false": False}.get(args.compile, "auto")
     compile_on = engine.want_compile(setting, device)
@@ -238,34 +309,68 @@ def main(argv=None) -> int:
     for patch in patches:
         r = bench_pretrain(p, d, patch, 0.5, device, steps, compile_on)
         achieved = r["fast"] * r["flops_per_image"]
-        rows.append({"what": f"MAE pretrain p{patch}-m0.5", "naive_img_s": r["naive"], "maepipe_img_s": r["fast"],
-                     "ratio": r["fast"] / r["naive"], "gflop_per_img": r["flops_per_image"] / 1e9,
-                     "achieved_tflop_s": achieved / 1e12, "mfu": achieved / peak if peak else None,
-                     "compiled": r["compiled"], "warmup_s": r["warmup_s"]})
+        rows.append(
+            {
+                "what": f"MAE pretrain p{patch}-m0.5",
+                "naive_img_s": r["naive"],
+                "maepipe_img_s": r["fast"],
+                "ratio": r["fast"] / r["naive"],
+                "gflop_per_img": r["flops_per_image"] / 1e9,
+                "achieved_tflop_s": achieved / 1e12,
+                "mfu": achieved / peak if peak else None,
+                "compiled": r["compiled"],
+                "warmup_s": r["warmup_s"],
+            }
+        )
         print(_fmt_row(rows[-1]), flush=True)
     ft_patch = p.patch if p.patch != "auto" else patches[-1]
     for what, frozen in (("probe", True), ("finetune", False)):
         r = bench_classifier(p, d, ft_patch, device, steps, frozen, compile_on)
-        rows.append({"what": f"{what} epoch p{ft_patch}", "naive_img_s": r["naive"], "maepipe_img_s": r["fast"],
-                     "ratio": r["fast"] / r["naive"], "gflop_per_img": None, "achieved_tflop_s": None, "mfu": None,
-                     "compiled": r["compiled"], "warmup_s": r["warmup_s"]})
+        rows.append(
+            {
+                "what": f"{what} epoch p{ft_patch}",
+                "naive_img_s": r["naive"],
+                "maepipe_img_s": r["fast"],
+                "ratio": r["fast"] / r["naive"],
+                "gflop_per_img": None,
+                "achieved_tflop_s": None,
+                "mfu": None,
+                "compiled": r["compiled"],
+                "warmup_s": r["warmup_s"],
+            }
+        )
         print(_fmt_row(rows[-1]), flush=True)
-    result = {"device": name, "device_type": device.type, "torch": torch.__version__, "precision": precision,
-              "compile": compile_on,
-              "threads": torch.get_num_threads(), "batch_size": BATCH, "timed_batches": steps,
-              "dataset": p.data.dataset,
-              "model": {"dim": p.model.dim, "depth": p.model.depth, "heads": p.model.heads,
-                        "decoder_dim": p.model.decoder_dim, "decoder_depth": p.model.decoder_depth},
-              "peak_bf16_flop_s": peak, "rows": rows}
+    result = {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "precision": precision,
+        "compile": compile_on,
+        "threads": torch.get_num_threads(),
+        "batch_size": BATCH,
+        "timed_batches": steps,
+        "dataset": p.data.dataset,
+        "model": {
+            "dim": p.model.dim,
+            "depth": p.model.depth,
+            "heads": p.model.heads,
+            "decoder_dim": p.model.decoder_dim,
+            "decoder_depth": p.model.decoder_depth,
+        },
+        "peak_bf16_flop_s": peak,
+        "rows": rows,
+    }
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if compile_on != engine.want_compile("auto", device):
         slug += "-compile" if compile_on else "-eager"
     out = Path(args.out) / f"results-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{name} ({device.type}), torch {torch.__version__}, {precision}, "
-          f"torch.compile {'on' if compile_on else 'off'}, {torch.get_num_threads()} threads"
-          f" -> {out}")
+    print(
+        f"\n{name} ({device.type}), torch {torch.__version__}, {precision}, "
+        f"torch.compile {'on' if compile_on else 'off'}, {torch.get_num_threads()} threads"
+        f" -> {out}"
+    )
     return 0
 
 
@@ -275,8 +380,10 @@ def _fmt_row(r: dict) -> str:
         extra += f"  MFU {100 * r['mfu']:.1f}%"
     if r["compiled"]:
         extra += f"  compile {r['warmup_s']:.0f}s"
-    return (f"{r['what']:<26} naive {r['naive_img_s']:9.0f} img/s   maepipe {r['maepipe_img_s']:9.0f} img/s"
-            f"   x{r['ratio']:.2f}{extra}")
+    return (
+        f"{r['what']:<26} naive {r['naive_img_s']:9.0f} img/s   maepipe {r['maepipe_img_s']:9.0f} img/s"
+        f"   x{r['ratio']:.2f}{extra}"
+    )
 
 
 if __name__ == "__main__":

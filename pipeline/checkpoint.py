@@ -1,4 +1,5 @@
 """Checkpoints: a dict of plain values and tensors, written atomically, read with weights_only=True."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,14 +29,21 @@ def load(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, bad pickle, foreign file: all "corrupt"
-        raise UserError(f"checkpoint {path} is corrupt ({type(e).__name__}); delete it and run "
-                        f"`dvc repro` again") from None
+        raise UserError(
+            f"checkpoint {path} is corrupt ({type(e).__name__}); delete it and run `dvc repro` again"
+        ) from None
 
 
 def mae_payload(mae: MAE, **meta) -> dict:
-    return {"kind": "mae", "vit": mae.cfg.to_dict(), "mask_ratio": mae.mask_ratio,
-            "loss": mae.loss_kind, "decoder": meta.pop("decoder"), "state_dict": mae.state_dict(),
-            "meta": meta}
+    return {
+        "kind": "mae",
+        "vit": mae.cfg.to_dict(),
+        "mask_ratio": mae.mask_ratio,
+        "loss": mae.loss_kind,
+        "decoder": meta.pop("decoder"),
+        "state_dict": mae.state_dict(),
+        "meta": meta,
+    }
 
 
 def build_mae(ckpt: dict) -> MAE:
@@ -52,8 +60,13 @@ def encoder_from(ckpt: dict) -> Encoder:
 
 
 def classifier_payload(clf: Classifier, head: dict, **meta) -> dict:
-    return {"kind": "classifier", "vit": clf.encoder.cfg.to_dict(), "head": head,
-            "state_dict": clf.state_dict(), "meta": meta}
+    return {
+        "kind": "classifier",
+        "vit": clf.encoder.cfg.to_dict(),
+        "head": head,
+        "state_dict": clf.state_dict(),
+        "meta": meta,
+    }
 
 
 def build_classifier(ckpt: dict) -> Classifier:

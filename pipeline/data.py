@@ -5,6 +5,7 @@ bundled copy (scikit-learn's digits), then torchvision's real download into the 
 The prepared file is one `.npz` per dataset with uint8 NCHW images and fixed splits; it is read
 with `allow_pickle=False`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -32,14 +33,14 @@ CIFAR_TEST = ["test_batch"]
 @dataclass(frozen=True)
 class Spec:
     name: str
-    format: str                      # idx | cifar | sklearn
+    format: str  # idx | cifar | sklearn
     classes: tuple[str, ...]
     # Known MD5s: of the file as published (gz / batch), and for IDX of its decompressed bytes
     # (Debian recompresses the gz files, so only the content digest matches there).
     md5: dict[str, str] = field(default_factory=dict)
     md5_content: dict[str, str] = field(default_factory=dict)
     os_dirs: tuple[str, ...] = ()
-    torchvision: str | None = None   # class name in torchvision.datasets
+    torchvision: str | None = None  # class name in torchvision.datasets
     torchvision_subdir: str | None = None  # where that class keeps its files under root
 
 
@@ -47,36 +48,53 @@ DIGIT_NAMES = tuple(str(i) for i in range(10))
 
 SPECS = {
     "fashion_mnist": Spec(
-        "fashion_mnist", "idx",
-        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-         "Ankle boot"),
-        md5={"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-             "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
-        md5_content={"train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-                     "train-labels-idx1-ubyte.gz": "9018921c3c673c538a1fc5bad174d6f9",
-                     "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
-                     "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965"},
+        "fashion_mnist",
+        "idx",
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        md5={
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        md5_content={
+            "train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "train-labels-idx1-ubyte.gz": "9018921c3c673c538a1fc5bad174d6f9",
+            "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
+            "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
+        },
         os_dirs=("/usr/share/datasets/fashion-mnist",),
-        torchvision="FashionMNIST", torchvision_subdir="FashionMNIST/raw"),
+        torchvision="FashionMNIST",
+        torchvision_subdir="FashionMNIST/raw",
+    ),
     "mnist": Spec(
-        "mnist", "idx", DIGIT_NAMES,
-        md5={"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
-             "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
-             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
-             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
-        torchvision="MNIST", torchvision_subdir="MNIST/raw"),
+        "mnist",
+        "idx",
+        DIGIT_NAMES,
+        md5={
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        },
+        torchvision="MNIST",
+        torchvision_subdir="MNIST/raw",
+    ),
     "cifar10": Spec(
-        "cifar10", "cifar",
+        "cifar10",
+        "cifar",
         ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-        md5={"data_batch_1": "c99cafc152244af753f735de768cd75f",
-             "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
-             "data_batch_4": "634d18415352ddfa80567beed471001a",
-             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-             "test_batch": "40351d587109b95175f43aff81a1287e"},
-        torchvision="CIFAR10", torchvision_subdir="cifar-10-batches-py"),
+        md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+        },
+        torchvision="CIFAR10",
+        torchvision_subdir="cifar-10-batches-py",
+    ),
     "digits": Spec("digits", "sklearn", DIGIT_NAMES),
 }
 
@@ -84,6 +102,7 @@ DIGITS_TEST_FRACTION = 0.2  # digits has no official test split; carve a fixed o
 
 
 # --- file formats --------------------------------------------------------------------------------
+
 
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (gzip-compressed) as a uint8 array; raises UserError if it is not one."""
@@ -102,18 +121,24 @@ def parse_idx(raw: bytes, path: Path | str = "<bytes>") -> np.ndarray:
     header = 4 + 4 * ndim
     if ndim < 1 or len(raw) < header:
         raise UserError(f"data: {path} is corrupt (truncated IDX header)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(raw) - header != int(np.prod(shape)):
-        raise UserError(f"data: {path} is corrupt (IDX header says {shape}, "
-                        f"file holds {len(raw) - header} bytes of data)")
+        raise UserError(
+            f"data: {path} is corrupt (IDX header says {shape}, file holds {len(raw) - header} bytes of data)"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """CIFAR batches are pickles; allow only what numpy arrays need, so a file cannot run code."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -157,11 +182,14 @@ def verify(spec: Spec, folder: Path, names: list[str]) -> None:
                 raise UserError(f"data: {path} is corrupt (not a readable gzip file: {e})") from None
             if hashlib.md5(content).hexdigest() == spec.md5_content[name]:
                 continue
-        raise UserError(f"data: {path} fails its checksum: the file is corrupt or not the official "
-                        f"{spec.name}; replace it, or set data.verify_checksums: false for your own copy")
+        raise UserError(
+            f"data: {path} fails its checksum: the file is corrupt or not the official "
+            f"{spec.name}; replace it, or set data.verify_checksums: false for your own copy"
+        )
 
 
 # --- sources ------------------------------------------------------------------------------------
+
 
 def _file_names(spec: Spec) -> list[str]:
     return list(IDX_FILES.values()) if spec.format == "idx" else CIFAR_TRAIN + CIFAR_TEST
@@ -192,9 +220,11 @@ def locate(spec: Spec, raw_dir: Path, download: bool = True) -> Path:
             return folder
     else:
         error = "download disabled"
-    raise UserError(f"data: cannot obtain {spec.name}: put {', '.join(names)} in {raw_dir / spec.name}/"
-                    + (f" (or install the OS package that provides {spec.os_dirs[0]})" if spec.os_dirs else "")
-                    + f"; torchvision download failed: {error}")
+    raise UserError(
+        f"data: cannot obtain {spec.name}: put {', '.join(names)} in {raw_dir / spec.name}/"
+        + (f" (or install the OS package that provides {spec.os_dirs[0]})" if spec.os_dirs else "")
+        + f"; torchvision download failed: {error}"
+    )
 
 
 def _download(spec: Spec, root: Path) -> str | None:
@@ -226,16 +256,20 @@ def load_raw(spec: Spec, raw_dir: Path, verify_checksums: bool, download: bool =
         for split in ("train", "test"):
             images, labels = parts[f"{split}_images"], parts[f"{split}_labels"]
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-                raise UserError(f"data: {folder} is corrupt ({split}: images {images.shape}, "
-                                f"labels {labels.shape})")
-        return (parts["train_images"][:, None], parts["train_labels"].astype(np.int64),
-                parts["test_images"][:, None], parts["test_labels"].astype(np.int64))
+                raise UserError(f"data: {folder} is corrupt ({split}: images {images.shape}, labels {labels.shape})")
+        return (
+            parts["train_images"][:, None],
+            parts["train_labels"].astype(np.int64),
+            parts["test_images"][:, None],
+            parts["test_labels"].astype(np.int64),
+        )
     train = [read_cifar_batch(folder / n) for n in CIFAR_TRAIN]
     test = read_cifar_batch(folder / CIFAR_TEST[0])
     return (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]), *test)
 
 
 # --- preparation --------------------------------------------------------------------------------
+
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[-1] == size and images.shape[-2] == size:
@@ -248,15 +282,25 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def prepare(dataset: str, image_size: int, val_fraction: float, seed: int, raw_dir: Path,
-            verify_checksums: bool = True, train_limit: int | None = None,
-            test_limit: int | None = None, download: bool = True) -> dict[str, np.ndarray]:
+def prepare(
+    dataset: str,
+    image_size: int,
+    val_fraction: float,
+    seed: int,
+    raw_dir: Path,
+    verify_checksums: bool = True,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    download: bool = True,
+) -> dict[str, np.ndarray]:
     spec = SPECS[dataset]
     x_train, y_train, x_test, y_test = load_raw(spec, raw_dir, verify_checksums, download)
     for split, labels in (("train", y_train), ("test", y_test)):
         if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(spec.classes)):
-            raise UserError(f"data: {dataset} {split} labels run from {labels.min()} to {labels.max()}; "
-                            f"expected 0..{len(spec.classes) - 1}: the files are corrupt")
+            raise UserError(
+                f"data: {dataset} {split} labels run from {labels.min()} to {labels.max()}; "
+                f"expected 0..{len(spec.classes) - 1}: the files are corrupt"
+            )
     rng = np.random.default_rng(seed)
     if x_test is None:
         order = rng.permutation(len(x_train))
@@ -266,8 +310,10 @@ def prepare(dataset: str, image_size: int, val_fraction: float, seed: int, raw_d
     order = rng.permutation(len(x_train))
     n_val = int(round(len(order) * val_fraction))
     if n_val < 1 or n_val >= len(order):
-        raise UserError(f"params: data.val_fraction = {val_fraction:g}: leaves {n_val} of "
-                        f"{len(order)} images for validation; need at least one in each split")
+        raise UserError(
+            f"params: data.val_fraction = {val_fraction:g}: leaves {n_val} of "
+            f"{len(order)} images for validation; need at least one in each split"
+        )
     val_idx, train_idx = order[:n_val], order[n_val:]
     if train_limit is not None:
         train_idx = train_idx[:train_limit]
@@ -279,10 +325,15 @@ def prepare(dataset: str, image_size: int, val_fraction: float, seed: int, raw_d
     mean = scaled.mean(axis=(0, 2, 3)).astype(np.float32)
     std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-3).astype(np.float32)
     return {
-        "x_train": np.ascontiguousarray(x_tr), "y_train": y_train[train_idx],
-        "x_val": resize(x_train[val_idx], image_size), "y_val": y_train[val_idx],
-        "x_test": resize(x_test, image_size), "y_test": y_test,
-        "classes": np.array(spec.classes), "mean": mean, "std": std,
+        "x_train": np.ascontiguousarray(x_tr),
+        "y_train": y_train[train_idx],
+        "x_val": resize(x_train[val_idx], image_size),
+        "y_val": y_train[val_idx],
+        "x_test": resize(x_test, image_size),
+        "y_test": y_test,
+        "classes": np.array(spec.classes),
+        "mean": mean,
+        "std": std,
     }
 
 
@@ -307,8 +358,10 @@ def load_prepared(path: Path) -> dict[str, np.ndarray]:
 
 
 def budget_too_large(per_class: int, name: str, available: int) -> UserError:
-    return UserError(f"params: downstream.labels_per_class = {per_class}: class {str(name)!r} has only "
-                     f"{available} training images; use at most {available} or all")
+    return UserError(
+        f"params: downstream.labels_per_class = {per_class}: class {str(name)!r} has only "
+        f"{available} training images; use at most {available} or all"
+    )
 
 
 def label_budget(labels: np.ndarray, per_class, seed: int, classes) -> np.ndarray:

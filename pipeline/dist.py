@@ -1,6 +1,7 @@
 """Which process am I? Read from torchrun's environment, so it costs no import of torch.distributed.
 
 Outside torchrun there is one process and it is the main one."""
+
 from __future__ import annotations
 
 import os

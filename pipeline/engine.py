@@ -3,14 +3,15 @@
 Data lives on the device as uint8; a batch is an index tensor into it. Per-step statistics are
 accumulated on the device and read once per epoch, so the loop never waits on the host.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,8 +29,7 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("params: device = 'cuda': no CUDA GPU is visible to PyTorch here; "
-                        "use auto or cpu")
+        raise UserError("params: device = 'cuda': no CUDA GPU is visible to PyTorch here; use auto or cpu")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("params: device = 'mps': Apple MPS is not available here; use auto or cpu")
     return torch.device(name)
@@ -143,8 +143,12 @@ class Compiled:
         if dist.is_main():
             lines = [line for line in str(error).splitlines() if line.strip()]
             reason = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
-            print(f"maepipe: note: {self.stage}: torch.compile failed ({reason}); training eagerly "
-                  f"(compile: false skips the attempt)", file=sys.stderr, flush=True)
+            print(
+                f"maepipe: note: {self.stage}: torch.compile failed ({reason}); training eagerly "
+                f"(compile: false skips the attempt)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.fn, self.active = self.eager, False
 
 
@@ -158,6 +162,7 @@ def as_float(images_u8: torch.Tensor) -> torch.Tensor:
 
 # --- optimizers -------------------------------------------------------------------------------
 
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratio (You et al. 2017), as the MAE linear probe uses.
 
@@ -165,10 +170,12 @@ class LARS(torch.optim.Optimizer):
     momentum step at the full rate, as facebookresearch/mae's LARS does. (An earlier version
     stepped them at lr * 0.001, which froze the biases of the probe's head.)"""
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+    def __init__(
+        self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -182,8 +189,9 @@ class LARS(torch.optim.Optimizer):
                     update = update.add(p, alpha=group["weight_decay"])
                     p_norm, u_norm = torch.norm(p), torch.norm(update)
                     one = torch.ones_like(p_norm)
-                    ratio = torch.where(p_norm > 0, torch.where(u_norm > 0, group["trust_coefficient"]
-                                                                * p_norm / u_norm, one), one)
+                    ratio = torch.where(
+                        p_norm > 0, torch.where(u_norm > 0, group["trust_coefficient"] * p_norm / u_norm, one), one
+                    )
                     update = update.mul(ratio)
                 state = self.state[p]
                 if "mu" not in state:
@@ -200,8 +208,10 @@ def param_groups(module: nn.Module, lr: float, weight_decay: float) -> list[dict
         if not p.requires_grad:
             continue
         (no_decay if p.ndim <= 1 or name.endswith("token") else decay).append(p)
-    groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "lr": lr, "weight_decay": weight_decay},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -223,9 +233,14 @@ def layer_decay_groups(encoder: nn.Module, lr: float, weight_decay: float, layer
             continue
         decay = not (p.ndim <= 1 or name.endswith("token"))
         layer_id = layer(name)
-        group = groups.setdefault((layer_id, decay), {
-            "params": [], "lr": lr * layer_decay ** (depth + 1 - layer_id),
-            "weight_decay": weight_decay if decay else 0.0})
+        group = groups.setdefault(
+            (layer_id, decay),
+            {
+                "params": [],
+                "lr": lr * layer_decay ** (depth + 1 - layer_id),
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         group["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -244,15 +259,18 @@ def make_optimizer(name: str, groups: list[dict], device: torch.device) -> torch
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
     """Linear warm-up to each group's lr, then cosine to zero, stepped once per batch."""
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # --- the loop ---------------------------------------------------------------------------------
+
 
 class Diverged(UserError):
     pass
@@ -260,12 +278,13 @@ class Diverged(UserError):
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor                  # mean over the batch, differentiable
+    loss: torch.Tensor  # mean over the batch, differentiable
     correct: torch.Tensor | None = None  # number of correct predictions (classification)
 
 
-def batch_indices(n: int, batch_size: int, device: torch.device, generator: torch.Generator,
-                  shuffle: bool = True) -> list[torch.Tensor]:
+def batch_indices(
+    n: int, batch_size: int, device: torch.device, generator: torch.Generator, shuffle: bool = True
+) -> list[torch.Tensor]:
     """Full batches of a fresh permutation; the ragged rest is dropped (a new draw every epoch,
     so no image is left out for good). Every step then has one shape: a compiled step compiles
     once, and a BatchNorm never normalises a handful of samples. Fewer images than a batch: one
@@ -274,7 +293,7 @@ def batch_indices(n: int, batch_size: int, device: torch.device, generator: torc
     full = n // batch_size
     if full == 0:
         return [order]
-    return list(order[:full * batch_size].split(batch_size))
+    return list(order[: full * batch_size].split(batch_size))
 
 
 def _batch_stream(n: int, batch_size: int, device: torch.device, generator: torch.Generator):
@@ -299,17 +318,34 @@ def _progress(stage: str, epoch: int, epochs: int, steps: int):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=steps, desc=f"{stage} epoch {epoch}/{epochs}", leave=False, unit="step",
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(
+        total=steps,
+        desc=f"{stage} epoch {epoch}/{epochs}",
+        leave=False,
+        unit="step",
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
-def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_train: int,
-        epochs: int, batch_size: int, warmup_epochs: float, device: torch.device, seed: int,
-        step: Callable[[torch.Tensor], StepOutput],
-        validate: Callable[[], dict[str, float]],
-        on_epoch: Callable[[int, dict[str, float]], None],
-        before_epoch: Callable[[int], None] | None = None,
-        compiled: Compiled | None = None, steps_per_epoch: int | None = None) -> list[dict[str, float]]:
+def fit(
+    *,
+    stage: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    n_train: int,
+    epochs: int,
+    batch_size: int,
+    warmup_epochs: float,
+    device: torch.device,
+    seed: int,
+    step: Callable[[torch.Tensor], StepOutput],
+    validate: Callable[[], dict[str, float]],
+    on_epoch: Callable[[int, dict[str, float]], None],
+    before_epoch: Callable[[int], None] | None = None,
+    compiled: Compiled | None = None,
+    steps_per_epoch: int | None = None,
+) -> list[dict[str, float]]:
     """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`.
 
     `steps_per_epoch`: an "epoch" is that many full batches drawn from back-to-back fresh
@@ -328,8 +364,10 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
     if world > 1 and min(batch_size, n_train) % world:
         # Unequal slices would make DDP's average of per-process means differ from the mean
         # over the batch (and an empty slice would give a NaN loss).
-        raise UserError(f"{stage}: batch size {min(batch_size, n_train)} is not a multiple of the {world} "
-                        f"torchrun processes; choose a batch_size (and a data size) divisible by {world}")
+        raise UserError(
+            f"{stage}: batch size {min(batch_size, n_train)} is not a multiple of the {world} "
+            f"torchrun processes; choose a batch_size (and a data size) divisible by {world}"
+        )
     stream = None
     if steps_per_epoch is None:
         steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
@@ -353,8 +391,11 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device)
         seen, has_acc = 0, False
-        batches = (batch_indices(n_train, batch_size, device, generator) if stream is None
-                   else [next(stream) for _ in range(steps_per_epoch)])
+        batches = (
+            batch_indices(n_train, batch_size, device, generator)
+            if stream is None
+            else [next(stream) for _ in range(steps_per_epoch)]
+        )
         bar = _progress(stage, epoch, epochs, len(batches))
         for i, idx in enumerate(batches):
             if world > 1:
@@ -389,8 +430,10 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
             loss_sum, correct, seen = totals[0], totals[1], int(totals[2].item())
         train_loss = loss_sum.item() / seen
         if not math.isfinite(train_loss):
-            raise Diverged(f"{stage}: the training loss became {train_loss} in epoch {epoch}; "
-                           f"lower the learning rate or check the data")
+            raise Diverged(
+                f"{stage}: the training loss became {train_loss} in epoch {epoch}; "
+                f"lower the learning rate or check the data"
+            )
         metrics = {"train_loss": train_loss}
         if has_acc:
             metrics["train_acc"] = correct.item() / seen
@@ -400,13 +443,18 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
             metrics.update(validate())
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
-            raise Diverged(f"{stage}: {bad[0]} became {metrics[bad[0]]} in epoch {epoch}; "
-                           f"lower the learning rate or check the data")
+            raise Diverged(
+                f"{stage}: {bad[0]} became {metrics[bad[0]]} in epoch {epoch}; "
+                f"lower the learning rate or check the data"
+            )
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if dist.is_main():
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
-            where = (f"epoch {epoch}/{epochs}" if stream is None
-                     else f"step {epoch * steps_per_epoch}/{epochs * steps_per_epoch}")
+            where = (
+                f"epoch {epoch}/{epochs}"
+                if stream is None
+                else f"step {epoch * steps_per_epoch}/{epochs * steps_per_epoch}"
+            )
             print(f"{stage} {where}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
         history.append(metrics)
         on_epoch(epoch, metrics)
@@ -414,8 +462,13 @@ def fit(*, stage: str, model: nn.Module, optimizer: torch.optim.Optimizer, n_tra
 
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], images_u8: torch.Tensor, batch_size: int,
-            device: torch.device, mixed_precision: bool = False) -> torch.Tensor:
+def predict(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    images_u8: torch.Tensor,
+    batch_size: int,
+    device: torch.device,
+    mixed_precision: bool = False,
+) -> torch.Tensor:
     """Apply `fn` to float images batch by batch; returns the concatenated fp32 outputs.
 
     fp32 unless asked: test scores feed ROC curves, where bf16 rounding would create ties."""
@@ -426,14 +479,27 @@ def predict(fn: Callable[[torch.Tensor], torch.Tensor], images_u8: torch.Tensor,
     return torch.cat(outs)
 
 
-def fit_classifier(*, stage: str, module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor],
-                   optimizer: torch.optim.Optimizer, x_train: torch.Tensor, y_train: torch.Tensor,
-                   x_val: torch.Tensor, y_val: torch.Tensor, epochs: int, batch_size: int,
-                   warmup_epochs: float, device: torch.device, seed: int,
-                   on_epoch: Callable[[int, dict[str, float]], None],
-                   eval_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   compiled: Compiled | None = None, steps_per_epoch: int | None = None,
-                   label_smoothing: float = 0.0) -> list[dict[str, float]]:
+def fit_classifier(
+    *,
+    stage: str,
+    module: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    warmup_epochs: float,
+    device: torch.device,
+    seed: int,
+    on_epoch: Callable[[int, dict[str, float]], None],
+    eval_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    compiled: Compiled | None = None,
+    steps_per_epoch: int | None = None,
+    label_smoothing: float = 0.0,
+) -> list[dict[str, float]]:
     """Cross-entropy training of `forward` (inputs -> logits); `module` holds what is trained.
 
     `eval_forward` (default `forward`) scores the val split: the eager module when `forward`
@@ -445,14 +511,30 @@ def fit_classifier(*, stage: str, module: nn.Module, forward: Callable[[torch.Te
     def step(idx):
         logits = forward(x_train[idx]).float()
         target = y_train[idx]
-        return StepOutput(F.cross_entropy(logits, target, label_smoothing=label_smoothing),
-                          (logits.argmax(1) == target).sum())
+        return StepOutput(
+            F.cross_entropy(logits, target, label_smoothing=label_smoothing), (logits.argmax(1) == target).sum()
+        )
 
     def validate():
         logits = torch.cat([eval_forward(chunk).float() for chunk in x_val.split(batch_size)])
-        return {"val_loss": F.cross_entropy(logits, y_val).item(),
-                "val_acc": (logits.argmax(1) == y_val).float().mean().item()}
+        return {
+            "val_loss": F.cross_entropy(logits, y_val).item(),
+            "val_acc": (logits.argmax(1) == y_val).float().mean().item(),
+        }
 
-    return fit(stage=stage, model=module, optimizer=optimizer, n_train=len(x_train), epochs=epochs,
-               batch_size=batch_size, warmup_epochs=warmup_epochs, device=device, seed=seed, step=step,
-               validate=validate, on_epoch=on_epoch, compiled=compiled, steps_per_epoch=steps_per_epoch)
+    return fit(
+        stage=stage,
+        model=module,
+        optimizer=optimizer,
+        n_train=len(x_train),
+        epochs=epochs,
+        batch_size=batch_size,
+        warmup_epochs=warmup_epochs,
+        device=device,
+        seed=seed,
+        step=step,
+        validate=validate,
+        on_epoch=on_epoch,
+        compiled=compiled,
+        steps_per_epoch=steps_per_epoch,
+    )

@@ -1,10 +1,11 @@
 """Atomic file writes: a reader (or a crash) never sees half a file."""
+
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
 """ViT encoder, Masked Autoencoder and classifier. Pure PyTorch: no files, no params, no MLflow."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -43,7 +44,7 @@ class ViTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
+    def from_dict(cls, d: dict) -> ViTConfig:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
@@ -79,7 +80,7 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 def unpatchify(patches: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
     b, n, _ = patches.shape
-    g = int(round(n ** 0.5))
+    g = int(round(n**0.5))
     x = patches.reshape(b, g, g, patch, patch, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, g * patch, g * patch)
 
@@ -147,8 +148,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch * cfg.patch * cfg.channels, cfg.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid, cfg.pos_grid)[None],
-                             persistent=False)
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(cfg.dim, cfg.grid, cfg.pos_grid)[None], persistent=False)
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
         self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
@@ -179,8 +179,9 @@ class Encoder(nn.Module):
         return self.norm(x)
 
 
-def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torch.device,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    batch: int, num_patches: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample shuffle: returns (keep indices [B, K], restore order [B, L], mask [B, L] 1=hidden)."""
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
     shuffle = noise.argsort(dim=1)
@@ -194,8 +195,15 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device: torc
 class MAE(nn.Module):
     """Masked Autoencoder: encoder on visible patches, light decoder on all positions."""
 
-    def __init__(self, cfg: ViTConfig, mask_ratio: float, decoder_dim: int, decoder_depth: int,
-                 decoder_heads: int, loss: str = "mse"):
+    def __init__(
+        self,
+        cfg: ViTConfig,
+        mask_ratio: float,
+        decoder_dim: int,
+        decoder_depth: int,
+        decoder_heads: int,
+        loss: str = "mse",
+    ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -204,8 +212,9 @@ class MAE(nn.Module):
         self.decoder_embed = nn.Linear(cfg.dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("decoder_pos", sincos_pos_embed_2d(decoder_dim, cfg.grid)[None], persistent=False)
-        self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, cfg.mlp_ratio)
-                                            for _ in range(decoder_depth))
+        self.decoder_blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, cfg.mlp_ratio) for _ in range(decoder_depth)
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, cfg.patch * cfg.patch * cfg.channels)
         for m in [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]:
@@ -226,8 +235,9 @@ class MAE(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
         """Images in [0, 1]. Returns loss (masked patches only), raw prediction and mask."""
-        keep, restore, mask = random_masking(images.shape[0], self.cfg.num_patches, self.mask_ratio,
-                                             images.device, generator)
+        keep, restore, mask = random_masking(
+            images.shape[0], self.cfg.num_patches, self.mask_ratio, images.device, generator
+        )
         pred = self.decode(self.encoder(images, keep), restore)
         target = patchify(images, self.cfg.patch)
         return {"loss": self.loss(pred, target, mask), "pred": pred, "mask": mask, "target": target}
@@ -260,7 +270,9 @@ def _normalise_patches(target: torch.Tensor) -> torch.Tensor:
     return (target - mean) / (var + 1e-6).sqrt()
 
 
-def masked_pixel_sse(pixels: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_pixel_sse(
+    pixels: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of squared pixel errors over hidden patches and the number of such pixels.
 
     Summed, not averaged, so callers can pool batches exactly; the ratio is a per-pixel MSE that
@@ -278,8 +290,9 @@ def pooled_features(encoder: Encoder, images: torch.Tensor, pool: str) -> torch.
 class Classifier(nn.Module):
     """Encoder + pooled feature + head. `linear` has a non-affine BatchNorm before it (MAE paper)."""
 
-    def __init__(self, encoder: Encoder, num_classes: int, head: str = "linear", pool: str = "cls",
-                 mlp_hidden: int = 512):
+    def __init__(
+        self, encoder: Encoder, num_classes: int, head: str = "linear", pool: str = "cls", mlp_hidden: int = 512
+    ):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
@@ -290,8 +303,12 @@ class Classifier(nn.Module):
         if head == "linear":
             self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
         else:
-            self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, mlp_hidden),
-                                      nn.GELU(), nn.Linear(mlp_hidden, num_classes))
+            self.head = nn.Sequential(
+                nn.BatchNorm1d(dim, affine=False),
+                nn.Linear(dim, mlp_hidden),
+                nn.GELU(),
+                nn.Linear(mlp_hidden, num_classes),
+            )
         self.head.apply(_init_weights)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 Every mistake becomes one UserError that names the parameter, the value and what is allowed.
 Unknown keys are errors too: a typo such as `pretrain.epoch` must not silently keep a default.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
 from .augment import AUGMENTS
+from .errors import UserError
 from .model import HEADS, LOSSES, POOLS, num_visible
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
@@ -29,6 +30,7 @@ MIRROR_SAFE = ("fashion_mnist", "cifar10")
 
 # --- field kinds -------------------------------------------------------------------------------
 # Each checker takes (name, value) and returns the cleaned value or raises UserError.
+
 
 def _bad(name: str, value: Any, allowed: str) -> UserError:
     return UserError(f"params: {name} = {value!r}: {allowed}")
@@ -109,6 +111,7 @@ def choice(*options):
         if v not in options:
             raise _bad(name, v, f"must be one of {', '.join(options)}")
         return v
+
     return check
 
 
@@ -132,12 +135,14 @@ def list_of(item_check):
         if len(set(out)) != len(out):
             raise _bad(name, v, "must not repeat a value")
         return tuple(out)
+
     return check
 
 
 def same_or(item_check):
     def check(name, v):
         return "same" if v == "same" else item_check(name, v)
+
     return check
 
 
@@ -161,6 +166,7 @@ def phase_list(name, v):
 def auto_or(item_check):
     def check(name, v):
         return "auto" if v == "auto" else item_check(name, v)
+
     return check
 
 
@@ -183,6 +189,7 @@ def _field(check, default=dataclasses.MISSING):
 
 
 # --- sections ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, kw_only=True)
 class GridParams:
@@ -226,6 +233,7 @@ class Phase:
 class MAESchedule:
     """How an MAE trains: phases run back to back under one warm-up + cosine schedule (one
     optimiser, one curve). Shared by the grid screen and `pretrain_full`."""
+
     phases: tuple = _field(phase_list)
     batch_size: int = _field(pos_int)
     lr: float = _field(pos_float)
@@ -251,6 +259,7 @@ class PretrainParams(MAESchedule):
 @dataclass(frozen=True, kw_only=True)
 class PretrainFullParams(MAESchedule):
     """The selected cell, pretrained on: same loss, decoder and mask ratio as in the grid."""
+
     train_limit: int | None = _field(opt_pos_int, None)
 
 
@@ -360,6 +369,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 # --- loading -----------------------------------------------------------------------------------
 
+
 def _build(cls, raw: Any, prefix: str):
     where = prefix.rstrip(".") or "params.yaml"
     if not isinstance(raw, dict):
@@ -388,9 +398,18 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**values)
 
 
-_SECTIONS = {"grid": GridParams, "data": DataParams, "model": ModelParams, "pretrain": PretrainParams,
-             "select": SelectParams, "pretrain_full": PretrainFullParams, "downstream": DownstreamParams, "probe": ProbeParams, "finetune": FinetuneParams,
-             "mlflow": MlflowParams}
+_SECTIONS = {
+    "grid": GridParams,
+    "data": DataParams,
+    "model": ModelParams,
+    "pretrain": PretrainParams,
+    "select": SelectParams,
+    "pretrain_full": PretrainFullParams,
+    "downstream": DownstreamParams,
+    "probe": ProbeParams,
+    "finetune": FinetuneParams,
+    "mlflow": MlflowParams,
+}
 
 
 def divisors(n: int) -> list[int]:
@@ -401,14 +420,18 @@ def check_cell(p: Params, patch: int, mask_ratio: float, what: str = "grid") -> 
     """A (patch, mask) pair must tile the image and leave at least one visible and one hidden patch."""
     size = p.data.image_size
     if size % patch:
-        raise UserError(f"params: {what}.patch = {patch}: must divide data.image_size = {size} "
-                        f"(allowed: {', '.join(map(str, divisors(size)))})")
+        raise UserError(
+            f"params: {what}.patch = {patch}: must divide data.image_size = {size} "
+            f"(allowed: {', '.join(map(str, divisors(size)))})"
+        )
     patches = (size // patch) ** 2
     visible = num_visible(patches, mask_ratio)
     if visible < 1 or visible >= patches:
-        raise UserError(f"params: {what}.mask_ratio = {mask_ratio:g}: with patch {patch} "
-                        f"({patches} patches) it leaves {visible} visible; must leave at least one "
-                        f"visible and one hidden patch")
+        raise UserError(
+            f"params: {what}.mask_ratio = {mask_ratio:g}: with patch {patch} "
+            f"({patches} patches) it leaves {visible} visible; must leave at least one "
+            f"visible and one hidden patch"
+        )
 
 
 def check_downstream_size(p: Params, patch: int) -> None:
@@ -416,8 +439,10 @@ def check_downstream_size(p: Params, patch: int) -> None:
     size = p.downstream_size
     if size % patch:
         what = "downstream.image_size" if p.downstream.image_size != "same" else "data.image_size"
-        raise UserError(f"params: {what} = {size}: the selected encoder has patch {patch}, which must divide "
-                        f"the downstream image size (sizes allowed: multiples of {patch})")
+        raise UserError(
+            f"params: {what} = {size}: the selected encoder has patch {patch}, which must divide "
+            f"the downstream image size (sizes allowed: multiples of {patch})"
+        )
 
 
 def validate(p: Params) -> Params:
@@ -428,31 +453,39 @@ def validate(p: Params) -> Params:
         value = getattr(p, pin)
         if value != "auto" and value not in options:
             shown = ", ".join(f"{x}" for x in options)
-            raise UserError(f"params: {pin} = {value!r}: not in grid.{pin} [{shown}]; "
-                            f"use one of those or auto")
+            raise UserError(f"params: {pin} = {value!r}: not in grid.{pin} [{shown}]; use one of those or auto")
     if p.pretrain.loss == "norm_pix":
         if p.select.metric == "val_mse":
-            raise UserError("params: select.metric = 'val_mse' with pretrain.loss = 'norm_pix': a norm_pix "
-                            "model predicts each patch only up to its own mean/std, so its pixel MSE needs the "
-                            "hidden patch's statistics and is no fair yardstick; use select.metric: val_loss")
+            raise UserError(
+                "params: select.metric = 'val_mse' with pretrain.loss = 'norm_pix': a norm_pix "
+                "model predicts each patch only up to its own mean/std, so its pixel MSE needs the "
+                "hidden patch's statistics and is no fair yardstick; use select.metric: val_loss"
+            )
         channels = 3 if p.data.dataset == "cifar10" else 1
         small = [x for x in p.grid.patch if x * x * channels < 2]
         if small:
-            raise UserError(f"params: grid.patch = {small[0]}: norm_pix normalises each patch by its own "
-                            f"std, which needs at least 2 pixels per patch")
-    flips = [(f"{section}.phases[{i}].augment", phase.augment, p.data.dataset)
-             for section in ("pretrain", "pretrain_full")
-             for i, phase in enumerate(getattr(p, section).phases)]
+            raise UserError(
+                f"params: grid.patch = {small[0]}: norm_pix normalises each patch by its own "
+                f"std, which needs at least 2 pixels per patch"
+            )
+    flips = [
+        (f"{section}.phases[{i}].augment", phase.augment, p.data.dataset)
+        for section in ("pretrain", "pretrain_full")
+        for i, phase in enumerate(getattr(p, section).phases)
+    ]
     flips.append(("finetune.augment", p.finetune.augment, p.downstream_dataset))
     for name, ops, dataset in flips:
         if "flip" in ops and dataset not in MIRROR_SAFE:
-            raise UserError(f"params: {name} = {list(ops)!r}: flip is not allowed for {dataset} (a mirrored "
-                            f"digit is not a digit); allowed for {', '.join(MIRROR_SAFE)}")
+            raise UserError(
+                f"params: {name} = {list(ops)!r}: flip is not allowed for {dataset} (a mirrored "
+                f"digit is not a digit); allowed for {', '.join(MIRROR_SAFE)}"
+            )
     for section in ("probe", "finetune"):
         s = getattr(p, section)
         if s.warmup_steps >= s.steps:
-            raise UserError(f"params: {section}.warmup_steps = {s.warmup_steps}: must be less than "
-                            f"{section}.steps = {s.steps}")
+            raise UserError(
+                f"params: {section}.warmup_steps = {s.warmup_steps}: must be less than {section}.steps = {s.steps}"
+            )
     if p.patch != "auto":
         check_downstream_size(p, p.patch)
     elif not any(p.downstream_size % patch == 0 for patch in p.grid.patch):
@@ -465,8 +498,9 @@ def validate(p: Params) -> Params:
     if m.decoder_dim % 4:
         raise UserError(f"params: model.decoder_dim = {m.decoder_dim}: must be a multiple of 4")
     if m.decoder_dim % m.decoder_heads:
-        raise UserError(f"params: model.decoder_heads = {m.decoder_heads}: must divide "
-                        f"model.decoder_dim = {m.decoder_dim}")
+        raise UserError(
+            f"params: model.decoder_heads = {m.decoder_heads}: must divide model.decoder_dim = {m.decoder_dim}"
+        )
     return p
 
 
@@ -487,5 +521,7 @@ def load(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"params: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"params: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
+        ) from None
     return parse(raw)

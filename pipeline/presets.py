@@ -2,6 +2,7 @@
 
 `python -m pipeline preset seed` prints them as `-S key=value` arguments for `dvc exp run`, so a
 preset is an ordinary DVC experiment whose params are recorded with it."""
+
 from __future__ import annotations
 
 import json

@@ -1,11 +1,12 @@
 """Figures (matplotlib, PNG) and the small files DVC reads as metrics and plots (JSON, CSV)."""
+
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import matplotlib
 
@@ -41,12 +42,12 @@ def _fmt(v):
 def markdown_table(rows: Sequence[dict]) -> list[str]:
     columns = list(rows[0].keys())
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join("" if r[c] is None else str(_fmt(r[c])) for c in columns) + " |"
-                    for r in rows]
+    return lines + ["| " + " | ".join("" if r[c] is None else str(_fmt(r[c])) for c in columns) + " |" for r in rows]
 
 
-def write_markdown_table(rows: Sequence[dict], path: Path, title: str,
-                         extra: Sequence[tuple[str, Sequence[dict]]] = ()) -> None:
+def write_markdown_table(
+    rows: Sequence[dict], path: Path, title: str, extra: Sequence[tuple[str, Sequence[dict]]] = ()
+) -> None:
     """A titled table, and optionally more titled tables below it."""
     lines = [f"# {title}", "", *markdown_table(rows)]
     for heading, more in extra:
@@ -65,20 +66,17 @@ def save_figure(fig, path: Path) -> None:
 def _show(ax, image: np.ndarray, title: str | None = None, color: str = "black") -> None:
     """image: [C, H, W] floats in [0, 1]."""
     img = np.clip(np.transpose(image, (1, 2, 0)), 0, 1)
-    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-              vmin=0, vmax=1)
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None, vmin=0, vmax=1)
     ax.set_xticks([]), ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=7, color=color)
 
 
-def reconstruction_figure(original: np.ndarray, masked: np.ndarray, recon: np.ndarray, title: str,
-                          path: Path) -> None:
+def reconstruction_figure(original: np.ndarray, masked: np.ndarray, recon: np.ndarray, title: str, path: Path) -> None:
     n = len(original)
     fig, axes = plt.subplots(3, n, figsize=(1.1 * n, 3.6), squeeze=False)
     for i in range(n):
-        for row, (images, label) in enumerate([(original, "original"), (masked, "masked"),
-                                                (recon, "reconstruction")]):
+        for row, (images, label) in enumerate([(original, "original"), (masked, "masked"), (recon, "reconstruction")]):
             _show(axes[row, i], images[i])
             if i == 0:
                 axes[row, i].set_ylabel(label, fontsize=7)
@@ -86,15 +84,29 @@ def reconstruction_figure(original: np.ndarray, masked: np.ndarray, recon: np.nd
     save_figure(fig, path)
 
 
-def heatmap_figure(values: np.ndarray, rows: Sequence, cols: Sequence, chosen: tuple[int, int],
-                   title: str, path: Path, higher_is_better: bool = False) -> None:
+def heatmap_figure(
+    values: np.ndarray,
+    rows: Sequence,
+    cols: Sequence,
+    chosen: tuple[int, int],
+    title: str,
+    path: Path,
+    higher_is_better: bool = False,
+) -> None:
     """values[i, j] for patch rows[i] and mask cols[j]; the chosen cell is boxed. Better is darker."""
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 1.5, 1.0 * len(rows) + 1.0))
     im = ax.imshow(values, cmap="viridis" if higher_is_better else "viridis_r")
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{values[i, j]:.4f}", ha="center", va="center", fontsize=8,
-                    color="white" if (values[i, j] < np.nanmean(values)) == higher_is_better else "black")
+            ax.text(
+                j,
+                i,
+                f"{values[i, j]:.4f}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if (values[i, j] < np.nanmean(values)) == higher_is_better else "black",
+            )
     ci, cj = chosen
     ax.add_patch(plt.Rectangle((cj - 0.5, ci - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
     ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
@@ -112,8 +124,13 @@ def pretrain_curve_figure(curve: Sequence[dict], phases: Sequence[str], title: s
     axes[0].plot(epochs, [r["train_loss"] for r in curve], marker=".", label="train loss (augmented as trained)")
     axes[0].plot(epochs, [r["val_loss"] for r in curve], marker=".", label="val loss (no augmentation)")
     # norm_pix runs have no pixel MSE (None): an empty panel rather than a made-up number.
-    axes[1].plot(epochs, [np.nan if r["val_mse"] is None else r["val_mse"] for r in curve], marker=".",
-                 color="C2", label="val MSE, masked pixels")
+    axes[1].plot(
+        epochs,
+        [np.nan if r["val_mse"] is None else r["val_mse"] for r in curve],
+        marker=".",
+        color="C2",
+        label="val MSE, masked pixels",
+    )
     starts = [r["epoch"] for prev, r in zip(curve, curve[1:]) if r["phase"] != prev["phase"]]
     for ax in axes:
         for e in starts:
@@ -145,8 +162,15 @@ def confusion_figure(matrices: dict[str, np.ndarray], classes: Sequence[str], pa
         ax.imshow(cm, cmap="Blues")
         for i in range(cm.shape[0]):
             for j in range(cm.shape[1]):
-                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if cm[i, j] > cm.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black",
+                )
         ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7)
         ax.set_yticks(range(len(classes)), classes, fontsize=7)
         ax.set_xlabel("predicted"), ax.set_ylabel("actual")
@@ -154,8 +178,9 @@ def confusion_figure(matrices: dict[str, np.ndarray], classes: Sequence[str], pa
     save_figure(fig, path)
 
 
-def predictions_figure(images: np.ndarray, actual: Iterable[int], predicted: dict[str, np.ndarray],
-                       classes: Sequence[str], path: Path) -> None:
+def predictions_figure(
+    images: np.ndarray, actual: Iterable[int], predicted: dict[str, np.ndarray], classes: Sequence[str], path: Path
+) -> None:
     """One column per image; one title line per model, red where that model is wrong."""
     actual = list(actual)
     n = len(actual)

@@ -5,6 +5,7 @@ one pass over its features and the scores of different cells are comparable. Fea
 [N, D] on any device, labels int64 [N] in [0, num_classes); the work stays on the features' device
 and the one host sync is the final `.item()`.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 def _check(train_x, train_y, query_x, query_y, num_classes: int) -> None:
     for name, x, y in (("train", train_x, train_y), ("query", query_x, query_y)):
         if x.ndim != 2 or y.ndim != 1:
-            raise ValueError(f"{name} features must be [N, D] and labels [N], got {tuple(x.shape)} "
-                             f"and {tuple(y.shape)}")
+            raise ValueError(
+                f"{name} features must be [N, D] and labels [N], got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         if len(x) == 0:
             raise ValueError(f"{name} set is empty")
         if len(x) != len(y):
@@ -29,9 +31,17 @@ def _check(train_x, train_y, query_x, query_y, num_classes: int) -> None:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
 
 
-def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
-                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
-                 leave_one_out: bool = False) -> float:
+def knn_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+    leave_one_out: bool = False,
+) -> float:
     """Cosine k-NN: L2-normalise features, for each query take the k most similar training features,
     vote with weights exp(sim / temperature) (as in DINO/InstDisc), predict the class with most weight.
     Returns accuracy on the queries. k larger than len(train_x) uses all training points.
@@ -51,7 +61,7 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Te
     correct = torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(query_x), chunk):
         # Chunking the queries bounds memory at one [chunk, N_train] similarity matrix.
-        q = F.normalize(query_x[start:start + chunk].to(device).float(), dim=1)
+        q = F.normalize(query_x[start : start + chunk].to(device).float(), dim=1)
         sim = q @ train.T
         if leave_one_out:
             rows = torch.arange(len(q), device=device)
@@ -62,12 +72,18 @@ def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Te
         weight = ((sim - sim[:, :1]) / temperature).exp()
         votes = torch.zeros(len(q), num_classes, device=device)
         votes.scatter_add_(1, train_y[idx], weight)
-        correct += (votes.argmax(1) == query_y[start:start + chunk]).sum()
+        correct += (votes.argmax(1) == query_y[start : start + chunk]).sum()
     return correct.item() / len(query_x)
 
 
-def ridge_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor,
-                         query_y: torch.Tensor, num_classes: int, l2: float = 1e-3) -> float:
+def ridge_probe_accuracy(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    query_x: torch.Tensor,
+    query_y: torch.Tensor,
+    num_classes: int,
+    l2: float = 1e-3,
+) -> float:
     """Closed-form linear probe: standardise features with the training mean/std (std clamped at 1e-6),
     append a bias column, solve (X^T X + l2 * n * I) W = X^T Y for one-hot targets Y in float64
     (torch.linalg.solve; do not penalise the bias column), predict argmax(X_q W). Returns accuracy.
@@ -95,8 +111,9 @@ def ridge_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, query_x: 
     return (pred == query_y.to(device)).sum().item() / len(query_x)
 
 
-def ridge_cv_accuracy(x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 5,
-                      l2: float = 1e-3) -> float | None:
+def ridge_cv_accuracy(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, folds: int = 5, l2: float = 1e-3
+) -> float | None:
     """Stratified k-fold accuracy of the closed-form probe on one labelled set: every class is dealt
     round-robin into the folds, each fold is predicted by the probe fitted on the others. Folds are
     capped by the smallest class; None when a class has a single member (nothing to hold out)."""
@@ -132,8 +149,7 @@ def pca(x: torch.Tensor, k: int) -> torch.Tensor:
 def spearman(a, b) -> float:
     """Spearman rank correlation of two equal-length sequences (scipy.stats.spearmanr), ties averaged;
     returns float('nan') if either is constant or has fewer than 2 values (no warning printed)."""
-    a, b = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
-            for v in (a, b))
+    a, b = (np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64) for v in (a, b))
     if a.ndim != 1 or b.ndim != 1:
         raise ValueError(f"spearman needs 1-D sequences, got shapes {a.shape} and {b.shape}")
     if len(a) != len(b):

@@ -14,6 +14,7 @@ Debian's package creates, through `runuser`; the data directory is owned by that
 
 `running(...)` is the same thing as a context manager (free ports by default), for tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .errors import UserError
 
-INSTALL_HINT = ("install it with `sudo apt-get install postgresql` (Debian/Ubuntu), or run "
-                "`make mlflow-server`, which installs it when run as root")
+INSTALL_HINT = (
+    "install it with `sudo apt-get install postgresql` (Debian/Ubuntu), or run "
+    "`make mlflow-server`, which installs it when run as root"
+)
 DRIVER_HINT = "install it with `.venv/bin/pip install -r requirements.txt` (package psycopg2-binary)"
 PG_TOOLS = ("initdb", "pg_ctl", "postgres")
 PG_HOST = "127.0.0.1"  # PostgreSQL only ever listens here; only the mlflow server talks to it
@@ -52,9 +56,11 @@ SOCKET_PATH_MAX = 100  # a unix socket path must fit in 108 bytes: <dir>/.s.PGSQ
 
 # --- what is installed --------------------------------------------------------------------------
 
+
 def find_postgres() -> Path:
     """The bin directory holding initdb, pg_ctl and postgres: `$MAEPIPE_PG_BIN`, else Debian's
     newest `/usr/lib/postgresql/<version>/bin`, else the directory of `initdb` on PATH."""
+
     def complete(d: Path) -> bool:
         return all(os.access(d / tool, os.X_OK) for tool in PG_TOOLS)
 
@@ -90,15 +96,20 @@ def _system_user() -> pwd.struct_passwd | None:
     try:
         user = pwd.getpwnam(SYSTEM_USER)
     except KeyError:
-        raise UserError(f"running as root, but there is no `{SYSTEM_USER}` system user to run PostgreSQL as "
-                        f"(PostgreSQL refuses root); {INSTALL_HINT}, which creates it") from None
+        raise UserError(
+            f"running as root, but there is no `{SYSTEM_USER}` system user to run PostgreSQL as "
+            f"(PostgreSQL refuses root); {INSTALL_HINT}, which creates it"
+        ) from None
     if not shutil.which("runuser"):
-        raise UserError("running as root, but `runuser` (util-linux) is missing: it is needed to run PostgreSQL "
-                        f"as `{SYSTEM_USER}`; install util-linux or run as a normal user")
+        raise UserError(
+            "running as root, but `runuser` (util-linux) is missing: it is needed to run PostgreSQL "
+            f"as `{SYSTEM_USER}`; install util-linux or run as a normal user"
+        )
     return user
 
 
 # --- ports --------------------------------------------------------------------------------------
+
 
 def free_port(host: str = PG_HOST) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -118,16 +129,20 @@ def check_port(host: str, port: int, flag: str) -> None:
             s.bind((host, port))
             s.listen(1)
     except PermissionError:
-        raise UserError(f"{flag} {port}: not allowed to listen on {host}:{port} "
-                        f"(ports below 1024 need root); pick another with {flag}") from None
+        raise UserError(
+            f"{flag} {port}: not allowed to listen on {host}:{port} "
+            f"(ports below 1024 need root); pick another with {flag}"
+        ) from None
     except OSError as e:
         if e.errno == 98:  # EADDRINUSE
-            raise UserError(f"port {port} on {host} is already in use; stop what holds it or pick another "
-                            f"port with {flag}") from None
+            raise UserError(
+                f"port {port} on {host} is already in use; stop what holds it or pick another port with {flag}"
+            ) from None
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); check --host / {flag}") from None
 
 
 # --- PostgreSQL ---------------------------------------------------------------------------------
+
 
 class PostgreSQL:
     """One cluster in `<root>/pgdata`, run with the binaries of `bindir`."""
@@ -150,11 +165,19 @@ class PostgreSQL:
         if self.user:
             cmd = ["runuser", "-u", self.user.pw_name, "--", *cmd]
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/",
-                                  start_new_session=True, stdin=subprocess.DEVNULL)
+            return subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd="/",
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired:
-            raise UserError(f"PostgreSQL: `{tool} {' '.join(args[:2])}` did not finish in {timeout:.0f} s; "
-                            f"see {self.log}") from None
+            raise UserError(
+                f"PostgreSQL: `{tool} {' '.join(args[:2])}` did not finish in {timeout:.0f} s; see {self.log}"
+            ) from None
 
     def _own(self, path: Path, mode: int) -> None:
         os.chmod(path, mode)
@@ -166,8 +189,10 @@ class PostgreSQL:
         try:
             return self.password_file.read_text().strip()
         except FileNotFoundError:
-            raise UserError(f"{self.password_file} is missing, so the cluster in {self.data} cannot be used; "
-                            f"remove {self.root} to start afresh (its runs and artifacts go with it)") from None
+            raise UserError(
+                f"{self.password_file} is missing, so the cluster in {self.data} cannot be used; "
+                f"remove {self.root} to start afresh (its runs and artifacts go with it)"
+            ) from None
 
     def init(self) -> bool:
         """Create the cluster unless it exists. True when it was created now."""
@@ -179,9 +204,11 @@ class PostgreSQL:
         self.data.mkdir(exist_ok=True)
         self._own(self.data, 0o700)
         if not self._reachable(self.data):
-            raise UserError(f"PostgreSQL runs as the `{SYSTEM_USER}` user, which cannot reach {self.data} "
-                            f"(a parent directory is not searchable by others); pick a --dir under a "
-                            f"directory like /srv or /tmp, or run as a normal user")
+            raise UserError(
+                f"PostgreSQL runs as the `{SYSTEM_USER}` user, which cannot reach {self.data} "
+                f"(a parent directory is not searchable by others); pick a --dir under a "
+                f"directory like /srv or /tmp, or run as a normal user"
+            )
         password = secrets.token_urlsafe(24)
         fd = os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -193,8 +220,19 @@ class PostgreSQL:
             f.write(password + "\n")
         self._own(pwfile, 0o600)
         try:
-            out = self._run("initdb", "-D", str(self.data), "-U", ROLE, f"--pwfile={pwfile}",
-                            "--auth=scram-sha-256", "-E", "UTF8", "--no-locale", "--no-instructions")
+            out = self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                ROLE,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--no-locale",
+                "--no-instructions",
+            )
         finally:
             pwfile.unlink(missing_ok=True)
         if out.returncode != 0:
@@ -206,8 +244,13 @@ class PostgreSQL:
     def _reachable(self, path: Path) -> bool:
         if not self.user:
             return os.access(path, os.W_OK | os.X_OK)
-        return subprocess.run(["runuser", "-u", self.user.pw_name, "--", "test", "-w", str(path), "-a", "-x",
-                               str(path)], capture_output=True).returncode == 0
+        return (
+            subprocess.run(
+                ["runuser", "-u", self.user.pw_name, "--", "test", "-w", str(path), "-a", "-x", str(path)],
+                capture_output=True,
+            ).returncode
+            == 0
+        )
 
     def running(self) -> bool:
         if not (self.data / "PG_VERSION").is_file():
@@ -224,13 +267,20 @@ class PostgreSQL:
         if not self.log.exists():
             self.log.touch()
         self._own(self.log, 0o640)
-        options = " ".join(shlex.quote(o) for o in (
-            "-p", str(self.port), "-c", f"listen_addresses={PG_HOST}", "-c", f"unix_socket_directories={sock}"))
-        out = self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "90",
-                        "-o", options)
+        options = " ".join(
+            shlex.quote(o)
+            for o in (
+                "-p",
+                str(self.port),
+                "-c",
+                f"listen_addresses={PG_HOST}",
+                "-c",
+                f"unix_socket_directories={sock}",
+            )
+        )
+        out = self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "90", "-o", options)
         if out.returncode != 0:
-            raise UserError(f"PostgreSQL did not start on {PG_HOST}:{self.port}: {self._log_tail()} "
-                            f"(log: {self.log})")
+            raise UserError(f"PostgreSQL did not start on {PG_HOST}:{self.port}: {self._log_tail()} (log: {self.log})")
 
     def stop(self) -> None:
         try:
@@ -255,12 +305,14 @@ class PostgreSQL:
         import psycopg2
 
         try:
-            conn = psycopg2.connect(host=PG_HOST, port=self.port, user=ROLE, password=self.password,
-                                    dbname="postgres", connect_timeout=10)
+            conn = psycopg2.connect(
+                host=PG_HOST, port=self.port, user=ROLE, password=self.password, dbname="postgres", connect_timeout=10
+            )
         except psycopg2.OperationalError as e:
             first = str(e).strip().splitlines()
-            raise UserError(f"PostgreSQL on {PG_HOST}:{self.port} refused us ({first[-1] if first else e}); "
-                            f"log: {self.log}") from None
+            raise UserError(
+                f"PostgreSQL on {PG_HOST}:{self.port} refused us ({first[-1] if first else e}); log: {self.log}"
+            ) from None
         try:
             conn.autocommit = True  # CREATE DATABASE cannot run in a transaction
             with conn.cursor() as cur:
@@ -280,6 +332,7 @@ class PostgreSQL:
 
 
 # --- the MLflow server --------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Server:
@@ -305,9 +358,21 @@ def client_host(host: str) -> str:
 def mlflow_command(backend_uri: str, artifacts: Path, host: str, port: int, workers: int) -> list[str]:
     exe = Path(sys.executable).parent / "mlflow"  # this environment's mlflow
     base = [str(exe)] if exe.is_file() else [sys.executable, "-m", "mlflow"]
-    return [*base, "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
-            "--artifacts-destination", str(artifacts), "--host", host, "--port", str(port),
-            "--workers", str(workers)]
+    return [
+        *base,
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(artifacts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
 
 
 def wait_healthy(uri: str, process: subprocess.Popen, timeout: float, log: Path | None) -> None:
@@ -357,9 +422,16 @@ def _no_interrupts() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def running(root: Path | str, host: str = "127.0.0.1", port: int | None = None, pg_port: int | None = None,
-            workers: int = 2, log: Path | IO | None = None, timeout: float = 180,
-            on_note=None) -> Iterator[Server]:
+def running(
+    root: Path | str,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    pg_port: int | None = None,
+    workers: int = 2,
+    log: Path | IO | None = None,
+    timeout: float = 180,
+    on_note=None,
+) -> Iterator[Server]:
     """PostgreSQL + `mlflow server` for the duration of the block; both stopped afterwards, even
     on errors. Free ports when `port` / `pg_port` are None. `log`: a path (or open file) for the
     server's output; None lets it through to ours. `on_note(str)`: told about notable steps."""
@@ -396,13 +468,27 @@ def running(root: Path | str, host: str = "127.0.0.1", port: int | None = None, 
         # MLflow's job runner (GenAI scoring, trace archival: 8 more processes importing mlflow)
         # is nothing this pipeline uses; set the variable to true to have it anyway.
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-        process = subprocess.Popen(mlflow_command(pg.backend_uri, artifacts, host, port, workers), env=env,
-                                   cwd=root, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        process = subprocess.Popen(
+            mlflow_command(pg.backend_uri, artifacts, host, port, workers),
+            env=env,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+        )
         uri = f"http://{client_host(host)}:{port}"
         wait_healthy(uri, process, timeout, Path(log) if isinstance(log, (str, Path)) else None)
-        yield Server(uri=uri, host=host, port=port, pg_port=pg_port, root=root, artifacts=artifacts,
-                     backend_uri=pg.backend_uri, process=process)
+        yield Server(
+            uri=uri,
+            host=host,
+            port=port,
+            pg_port=pg_port,
+            root=root,
+            artifacts=artifacts,
+            backend_uri=pg.backend_uri,
+            process=process,
+        )
     finally:
         with _no_interrupts():
             try:
@@ -415,6 +501,7 @@ def running(root: Path | str, host: str = "127.0.0.1", port: int | None = None, 
 
 
 # --- the command --------------------------------------------------------------------------------
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -430,13 +517,22 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m pipeline.server",
-                     description="An MLflow tracking server on PostgreSQL, serving artifacts itself.")
-    parser.add_argument("--dir", default=".mlflow-server", type=Path,
-                        help="where the PostgreSQL cluster, its log and the artifacts live (default: %(default)s)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="interface the MLflow server binds to (default: %(default)s; 0.0.0.0 for all; "
-                             "PostgreSQL always listens on 127.0.0.1 only)")
+    parser = _Parser(
+        prog="python -m pipeline.server",
+        description="An MLflow tracking server on PostgreSQL, serving artifacts itself.",
+    )
+    parser.add_argument(
+        "--dir",
+        default=".mlflow-server",
+        type=Path,
+        help="where the PostgreSQL cluster, its log and the artifacts live (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface the MLflow server binds to (default: %(default)s; 0.0.0.0 for all; "
+        "PostgreSQL always listens on 127.0.0.1 only)",
+    )
     parser.add_argument("--port", type=int, default=5001, help="MLflow server port (default: %(default)s)")
     parser.add_argument("--pg-port", type=int, default=5433, help="PostgreSQL port (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="MLflow server worker processes (default: %(default)s)")
@@ -446,10 +542,20 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        with running(args.dir, host=args.host, port=args.port, pg_port=args.pg_port, workers=args.workers,
-                     timeout=300, on_note=lambda msg: print(f"maepipe: {msg}", file=sys.stderr)) as server:
-            print(f"maepipe: MLflow server ready (PostgreSQL on {PG_HOST}:{server.pg_port}, data in {server.root}); "
-                  f"to log there: export MLFLOW_TRACKING_URI={server.uri}   (Ctrl-C stops it)", flush=True)
+        with running(
+            args.dir,
+            host=args.host,
+            port=args.port,
+            pg_port=args.pg_port,
+            workers=args.workers,
+            timeout=300,
+            on_note=lambda msg: print(f"maepipe: {msg}", file=sys.stderr),
+        ) as server:
+            print(
+                f"maepipe: MLflow server ready (PostgreSQL on {PG_HOST}:{server.pg_port}, data in {server.root}); "
+                f"to log there: export MLFLOW_TRACKING_URI={server.uri}   (Ctrl-C stops it)",
+                flush=True,
+            )
             code = server.process.wait()
         if code != 0:
             raise UserError(f"mlflow server exited with code {code}")

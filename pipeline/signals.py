@@ -1,11 +1,12 @@
 """Ctrl-C and SIGTERM become exceptions in the main thread, except while a store write is under
 way: there they wait until it returns. (Blocking the signal with a mask does not do it: the kernel
 hands it to another thread, and Python still runs the handler in the main thread mid-write.)"""
+
 from __future__ import annotations
 
 import contextlib
 import signal
-from typing import Iterator
+from collections.abc import Iterator
 
 from .errors import Terminated
 

@@ -2,6 +2,7 @@
 
 Pure numpy; scipy is imported only inside the functions that need it, so importing this module stays cheap.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,7 +54,7 @@ def _bootstrap_replicates(d: np.ndarray, n_boot: int, rng: np.random.Generator) 
         sums = np.stack([d[k][img].sum(axis=1, dtype=np.int64) for k in range(s)], axis=1)  # [m, S]
         seeds = seed_rng.integers(0, s, size=(m, s))
         picked = np.take_along_axis(sums, seeds, axis=1).sum(axis=1)
-        out[start:start + m] = picked / (s * n)
+        out[start : start + m] = picked / (s * n)
     return out
 
 

@@ -3,6 +3,7 @@
 The store is `MLFLOW_TRACKING_URI` if set, else `sqlite:///<root>/mlflow.db` where root is
 `DVC_ROOT` (set by DVC, also inside `dvc exp run --queue/--temp` copies) or the working directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,12 +12,13 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import dist
-from .signals import held
 from .errors import UserError
+from .signals import held
 
 # Fail fast instead of retrying a dead server for minutes.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -50,8 +52,10 @@ def _check_reachable(uri: str) -> None:
             r.read()
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise UserError(f"mlflow: tracking server MLFLOW_TRACKING_URI = {uri} cannot be reached "
-                        f"({reason}); start it or unset MLFLOW_TRACKING_URI to use the local store") from None
+        raise UserError(
+            f"mlflow: tracking server MLFLOW_TRACKING_URI = {uri} cannot be reached "
+            f"({reason}); start it or unset MLFLOW_TRACKING_URI to use the local store"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -60,7 +64,7 @@ def _store_lock(uri: str) -> Iterator[None]:
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(uri[len("sqlite:///"):]).with_suffix(".lock")
+    lock_path = Path(uri[len("sqlite:///") :]).with_suffix(".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -95,8 +99,9 @@ class StageRun:
 
 
 @contextlib.contextmanager
-def start(experiment: str, stage: str, params: dict[str, Any], dataset: str,
-          cell: str | None = None) -> Iterator[StageRun]:
+def start(
+    experiment: str, stage: str, params: dict[str, Any], dataset: str, cell: str | None = None
+) -> Iterator[StageRun]:
     if not dist.is_main():
         yield StageRun()
         return
@@ -113,8 +118,9 @@ def start(experiment: str, stage: str, params: dict[str, Any], dataset: str,
                 mlflow.create_experiment(experiment, artifact_location=(repo_root() / "mlruns").as_uri())
             mlflow.set_experiment(experiment)
     except Exception as e:  # noqa: BLE001 - any store failure is one line for the user
-        raise UserError(f"mlflow: cannot use tracking store {uri} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(
+            f"mlflow: cannot use tracking store {uri} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     root = repo_root()
     tags = {"stage": stage, "dataset": dataset}
     if cell:

@@ -12,6 +12,7 @@
     dvc queue start
     python studies/design_choices.py                        # reports/design_choices.{md,json}
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,14 @@ def read(exp: str | None, rel: str) -> dict:
 def row(exp: str | None) -> dict:
     sel, full = read(exp, "metrics/select.json"), read(exp, "metrics/pretrain_full.json")
     grid = {r["cell"]: r for r in _grid(exp)}[sel["cell"]]
-    out = {"experiment": exp or "default", "cell": sel["cell"], "screen val_mse": grid["val_mse"],
-           "screen knn_acc": grid["knn_acc"], "screen probe_acc": grid["probe_acc"],
-           "pretrain_full val_mse": full["val_mse"]}
+    out = {
+        "experiment": exp or "default",
+        "cell": sel["cell"],
+        "screen val_mse": grid["val_mse"],
+        "screen knn_acc": grid["knn_acc"],
+        "screen probe_acc": grid["probe_acc"],
+        "pretrain_full val_mse": full["val_mse"],
+    }
     for arm in ("finetune", "scratch", "probe", "probe_random"):
         m = read(exp, f"metrics/{arm}.json")
         out[f"{arm} val_acc"] = m["val_acc_mean"]
@@ -49,8 +55,10 @@ def _grid(exp: str | None) -> list[dict]:
     import csv
     import io
 
-    return [{k: (float(v) if k in ("val_mse", "knn_acc", "probe_acc") else v) for k, v in r.items()}
-            for r in csv.DictReader(io.StringIO(exps.read_text(exp, "plots/select/grid.csv")))]
+    return [
+        {k: (float(v) if k in ("val_mse", "knn_acc", "probe_acc") else v) for k, v in r.items()}
+        for r in csv.DictReader(io.StringIO(exps.read_text(exp, "plots/select/grid.csv")))
+    ]
 
 
 def _criterion_study() -> tuple[list[dict], list[dict], str] | None:
@@ -59,9 +67,11 @@ def _criterion_study() -> tuple[list[dict], list[dict], str] | None:
     except SystemExit:  # the cell experiments have not been run
         return None
     best_ft = max(cells, key=lambda r: r["finetune val_acc"])["cell"]
-    picks = {"val_mse": min(cells, key=lambda r: r["screen val_mse"])["cell"],
-             "knn_acc": max(cells, key=lambda r: r["screen knn_acc"])["cell"],
-             "probe_acc": max(cells, key=lambda r: r["screen probe_acc"])["cell"]}
+    picks = {
+        "val_mse": min(cells, key=lambda r: r["screen val_mse"])["cell"],
+        "knn_acc": max(cells, key=lambda r: r["screen knn_acc"])["cell"],
+        "probe_acc": max(cells, key=lambda r: r["screen probe_acc"])["cell"],
+    }
     crit = [{"criterion": k, "picks": v, "= best fine-tune on val": v == best_ft} for k, v in picks.items()]
     return cells, crit, best_ft
 
@@ -70,8 +80,14 @@ def main() -> None:
     if len(sys.argv) > 1:
         raise SystemExit(__doc__)
     pools = [dict(row(None), pool="mean"), dict(row(POOL_EXP), pool="cls")]
-    keep = ("probe val_acc", "probe val_sd", "finetune val_acc", "finetune val_sd", "scratch val_acc",
-            "probe_random val_acc")
+    keep = (
+        "probe val_acc",
+        "probe val_sd",
+        "finetune val_acc",
+        "finetune val_sd",
+        "scratch val_acc",
+        "probe_random val_acc",
+    )
     pool_rows = [{"pool": r["pool"], **{k: r[k] for k in keep}} for r in pools]
     result = {"pool": pools}
     extra = []
@@ -79,13 +95,18 @@ def main() -> None:
     if study is not None:
         cells, crit, best_ft = study
         result.update(cells=cells, criterion=crit, best_finetune_cell=best_ft)
-        extra = [("Patch-7 cells taken all the way (val accuracy, mean of 3 seeds)", cells),
-                 ("Which screen criterion picks the cell that fine-tunes best on val", crit)]
+        extra = [
+            ("Patch-7 cells taken all the way (val accuracy, mean of 3 seeds)", cells),
+            ("Which screen criterion picks the cell that fine-tunes best on val", crit),
+        ]
     report.write_json(result, ROOT / "reports" / "design_choices.json")
     report.write_markdown_table(
-        pool_rows, ROOT / "reports" / "design_choices.md",
+        pool_rows,
+        ROOT / "reports" / "design_choices.md",
         "Probe / fine-tune feature: mean of patch tokens vs CLS token (val split, 6,000 images; "
-        "encoder and 100 labels per class as in the default; mean of 3 seeds)", extra=extra)
+        "encoder and 100 labels per class as in the default; mean of 3 seeds)",
+        extra=extra,
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Reading the files of named DVC experiments (their git refs under refs/exps) from a study."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,8 +14,12 @@ def git(*args: str) -> str:
 
 def ref(name: str) -> str:
     """The commit of the newest DVC experiment called `name`."""
-    refs = [line.split() for line in git("for-each-ref", "--sort=-creatordate",
-                                         "--format=%(objectname) %(refname)", "refs/exps").splitlines()]
+    refs = [
+        line.split()
+        for line in git(
+            "for-each-ref", "--sort=-creatordate", "--format=%(objectname) %(refname)", "refs/exps"
+        ).splitlines()
+    ]
     found = [sha for sha, r in refs if r.rsplit("/", 1)[-1] == name]
     if not found:
         raise SystemExit(f"no DVC experiment named {name}: run it first (see the study's docstring)")

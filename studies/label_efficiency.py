@@ -12,6 +12,7 @@ the same fixed number of steps, on the encoder of the committed default run (no 
 ref and copies the predictions to `reports/label_efficiency/`, so every interval can be recomputed
 from the repository alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import exps
+import numpy as np
 from exps import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -48,9 +48,24 @@ def run() -> None:
     chosen = json.loads((ROOT / "metrics" / "select.json").read_text())
     for budget in BUDGETS:
         if budget != DEFAULT:
-            subprocess.run(["dvc", "exp", "run", "--temp", "-n", f"labels-{budget}",
-                            "-S", f"patch={chosen['patch']}", "-S", f"mask_ratio={chosen['mask_ratio']}",
-                            "-S", f"downstream.labels_per_class={budget}"], cwd=ROOT, check=True)
+            subprocess.run(
+                [
+                    "dvc",
+                    "exp",
+                    "run",
+                    "--temp",
+                    "-n",
+                    f"labels-{budget}",
+                    "-S",
+                    f"patch={chosen['patch']}",
+                    "-S",
+                    f"mask_ratio={chosen['mask_ratio']}",
+                    "-S",
+                    f"downstream.labels_per_class={budget}",
+                ],
+                cwd=ROOT,
+                check=True,
+            )
 
 
 def collect() -> dict:
@@ -65,17 +80,29 @@ def collect() -> dict:
         rows = list(csv.DictReader(io.StringIO(text)))
         label = np.array([int(r["label"]) for r in rows])
         seeds = len(ev["seeds"])
-        correct = {arm: np.array([[int(r[f"{arm}_s{k}"]) for r in rows] for k in range(seeds)]) == label[None]
-                   for arm in ARMS}
+        correct = {
+            arm: np.array([[int(r[f"{arm}_s{k}"]) for r in rows] for k in range(seeds)]) == label[None] for arm in ARMS
+        }
         arms = {}
         for arm in ARMS:
             ci = stats.paired_bootstrap(correct[arm], np.zeros_like(correct[arm]), seed=0)
-            arms[arm] = {"accuracy_mean": ev["arms"][arm]["accuracy_mean"], "accuracy_sd": ev["arms"][arm]["accuracy_sd"],
-                         "ci_low": ci["ci_low"], "ci_high": ci["ci_high"]}
-        results[budget] = {"labels": ev["labels"], "seeds": seeds, "arms": arms,
-                           "comparisons": {f"{a}-{b}": {k: ev["comparisons"][f"{a}-{b}"][k]
-                                                        for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")}
-                                           for a, b in PAIRS}}
+            arms[arm] = {
+                "accuracy_mean": ev["arms"][arm]["accuracy_mean"],
+                "accuracy_sd": ev["arms"][arm]["accuracy_sd"],
+                "ci_low": ci["ci_low"],
+                "ci_high": ci["ci_high"],
+            }
+        results[budget] = {
+            "labels": ev["labels"],
+            "seeds": seeds,
+            "arms": arms,
+            "comparisons": {
+                f"{a}-{b}": {
+                    k: ev["comparisons"][f"{a}-{b}"][k] for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")
+                }
+                for a, b in PAIRS
+            },
+        }
     return results
 
 
@@ -90,9 +117,12 @@ def write(results: dict) -> None:
         for name, c in r["comparisons"].items():
             row[name] = f"{c['diff'] * 100:+.2f} [{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]"
         rows.append(row)
-    report.write_markdown_table(rows, ROOT / "reports" / "label_efficiency.md",
-                                "Label efficiency: test accuracy (mean ± sd over seeds) and paired differences "
-                                "in points [95 % CI over test images and seeds]")
+    report.write_markdown_table(
+        rows,
+        ROOT / "reports" / "label_efficiency.md",
+        "Label efficiency: test accuracy (mean ± sd over seeds) and paired differences "
+        "in points [95 % CI over test images and seeds]",
+    )
     _figure(results, ROOT / "plots" / "images" / "label_efficiency.png")
 
 

@@ -1,4 +1,5 @@
 """Shared helpers: a tiny but real config, and throwaway git+DVC repos built from this checkout."""
+
 from __future__ import annotations
 
 import copy
@@ -68,8 +69,7 @@ def env(**extra) -> dict:
 
 
 def sh(cmd: list[str] | str, cwd: Path, check: bool = True, **extra_env) -> subprocess.CompletedProcess:
-    out = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True,
-                         shell=isinstance(cmd, str))
+    out = subprocess.run(cmd, cwd=cwd, env=env(**extra_env), capture_output=True, text=True, shell=isinstance(cmd, str))
     if check and out.returncode != 0:
         raise AssertionError(f"{cmd} failed ({out.returncode}):\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}")
     return out
@@ -125,4 +125,3 @@ def repro_copy(repro_template, tmp_path) -> Path:
     dst = tmp_path / "repo"
     shutil.copytree(src, dst, symlinks=True)
     return dst
-

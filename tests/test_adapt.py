@@ -1,4 +1,5 @@
 """The encoder adaptations for transfer are exact where they should be."""
+
 import pytest
 import torch
 

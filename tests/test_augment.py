@@ -1,4 +1,5 @@
 """pipeline.augment on real tensors: exactness of flip/shift, crop sanity, determinism."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,8 +20,9 @@ def _shifted(img, dx, dy):
     """img [C, H, W] translated by (dx, dy) pixels, vacated pixels zero."""
     out = torch.zeros_like(img)
     h, w = img.shape[-2:]
-    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        img[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = img[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
     return out
 
 
@@ -47,8 +49,12 @@ def test_shift_is_exact_integer_translation(size, s):
     y = augment(x, ("shift",), _gen(2))
     seen = set()
     for img, out in zip(x, y):
-        matches = [(dx, dy) for dx in range(-s, s + 1) for dy in range(-s, s + 1)
-                   if torch.allclose(out, _shifted(img, dx, dy), atol=1e-6, rtol=0)]
+        matches = [
+            (dx, dy)
+            for dx in range(-s, s + 1)
+            for dy in range(-s, s + 1)
+            if torch.allclose(out, _shifted(img, dx, dy), atol=1e-6, rtol=0)
+        ]
         assert matches, "output is not an integer shift of the input within range"
         seen.update(matches)
     assert len(seen) > 5  # shifts actually vary across samples
@@ -93,8 +99,12 @@ def test_multichannel_flip_and_shift_move_channels_together():
     x = _images(64, c=3)
     y = augment(x, ("flip", "shift"), _gen(10))
     for img, out in zip(x, y):
-        assert any(torch.allclose(out, _shifted(src, dx, dy), atol=1e-6, rtol=0)
-                   for src in (img, img.flip(-1)) for dx in range(-2, 3) for dy in range(-2, 3))
+        assert any(
+            torch.allclose(out, _shifted(src, dx, dy), atol=1e-6, rtol=0)
+            for src in (img, img.flip(-1))
+            for dx in range(-2, 3)
+            for dy in range(-2, 3)
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

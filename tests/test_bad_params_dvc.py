@@ -1,7 +1,7 @@
 """A mistyped `-S` value leaves the workspace as it was: the `validate` stage refuses it before
 DVC removes any output (issue: bad input is one clear line and nothing changed)."""
-import torch
 
+import torch
 from conftest import sh
 
 # One mistake per section of params.yaml and every cross-field rule; the words of its one line.
@@ -17,11 +17,15 @@ BAD = [
     (["model.heads=3"], "model.heads = 3: must divide model.dim = 32"),
     (["pretrain.lr=-1"], "pretrain.lr = -1: must be a positive number"),
     (["+pretrain.epoch=3"], "pretrain.epoch: unknown key"),
-    (["pretrain.phases=[{epochs:1,augment:[flip]}]"],
-     "pretrain.phases[0].augment = ['flip']: flip is not allowed for digits"),
+    (
+        ["pretrain.phases=[{epochs:1,augment:[flip]}]"],
+        "pretrain.phases[0].augment = ['flip']: flip is not allowed for digits",
+    ),
     (["pretrain.loss=norm_pix", "select.metric=val_mse"], "select.metric = 'val_mse' with pretrain.loss = 'norm_pix'"),
-    (["pretrain.loss=norm_pix", "select.metric=val_loss", "grid.patch=[1,4]"],
-     "grid.patch = 1: norm_pix normalises each patch by its own std"),
+    (
+        ["pretrain.loss=norm_pix", "select.metric=val_loss", "grid.patch=[1,4]"],
+        "grid.patch = 1: norm_pix normalises each patch by its own std",
+    ),
     (["select.metric=accuracy"], "select.metric = 'accuracy'"),
     (["pretrain_full.lr=0"], "pretrain_full.lr = 0: must be a positive number"),
     (["downstream.labels_per_class=0"], "downstream.labels_per_class = 0"),

@@ -6,6 +6,7 @@ its own browser download is never used). Screenshots go to $MAEPIPE_TEST_ARTIFAC
 <repo>/test-artifacts). Every test here skips, saying what to install, where Chromium, Playwright
 or web/plots-template.html (`npm ci --prefix web`) is missing; `make browser-deps` installs all three.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,15 +22,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, ROOT, env, sh
 
 CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
 TEMPLATE = ROOT / "web" / "plots-template.html"
 INSTALL = "`make browser-deps` (as root) installs what the browser tests need"
 # Root needs --no-sandbox; the rest keeps Chromium from calling out to Google's hosts (no network here).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
 VIEWPORT = {"width": 1600, "height": 1000}
 # DVC's linear template colours revisions with this range, in the order of the revisions.
 REV_COLOURS = ["#945dd6", "#13adc7"]
@@ -47,12 +54,16 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip(f"Playwright for Python is missing: `.venv/bin/pip install -r requirements.txt` "
-                    f"(playwright==1.65.2; never `playwright install`, Debian's chromium is used); {INSTALL}")
+        pytest.skip(
+            f"Playwright for Python is missing: `.venv/bin/pip install -r requirements.txt` "
+            f"(playwright==1.65.2; never `playwright install`, Debian's chromium is used); {INSTALL}"
+        )
     exe = _chromium()
     if exe is None:
-        pytest.skip(f"no Chromium: `apt-get install -y chromium` (Debian's package), or point MAEPIPE_CHROMIUM "
-                    f"at a Chromium binary; {INSTALL}")
+        pytest.skip(
+            f"no Chromium: `apt-get install -y chromium` (Debian's package), or point MAEPIPE_CHROMIUM "
+            f"at a Chromium binary; {INSTALL}"
+        )
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=exe, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -64,8 +75,10 @@ def browser():
 @pytest.fixture(scope="module")
 def plots_template() -> Path:
     if not TEMPLATE.is_file():
-        pytest.skip(f"{TEMPLATE.relative_to(ROOT)} is missing: `npm ci --prefix web` installs Vega, Vega-Lite "
-                    f"and Vega-Embed into web/node_modules and builds it; {INSTALL}")
+        pytest.skip(
+            f"{TEMPLATE.relative_to(ROOT)} is missing: `npm ci --prefix web` installs Vega, Vega-Lite "
+            f"and Vega-Embed into web/node_modules and builds it; {INSTALL}"
+        )
     return TEMPLATE
 
 
@@ -117,10 +130,24 @@ def _mlflow_ui(repo: Path):
     log_path = repo.parent / "mlflow-ui.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=repo.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env=env(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true"))
+            [
+                str(BIN / "mlflow"),
+                "ui",
+                "--backend-store-uri",
+                f"sqlite:///{repo / 'mlflow.db'}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=repo.parent,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true"),
+        )
     url = f"http://127.0.0.1:{port}"
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -208,9 +235,12 @@ def test_mlflow_ui_lists_the_cells_and_draws_a_metric_chart(browser, built, caps
 
         # One pretrain run's metric charts: the val_mse chart must have drawn its line, one vertex per epoch.
         page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics")
-        page.wait_for_function(f"name => {{ const c = ({METRIC_CHART_JS})(name); "
-                               f"return c && c.lines.length > 0 && c.lines[0].vertices > 0; }}",
-                               arg="val_mse", timeout=90_000)
+        page.wait_for_function(
+            f"name => {{ const c = ({METRIC_CHART_JS})(name); "
+            f"return c && c.lines.length > 0 && c.lines[0].vertices > 0; }}",
+            arg="val_mse",
+            timeout=90_000,
+        )
         chart = page.evaluate(METRIC_CHART_JS, "val_mse")
         assert chart["width"] > 150 and chart["height"] > 150, chart
         assert "pretrain-p4-m0.5" in chart["text"], chart["text"]
@@ -275,8 +305,12 @@ VEGA_DRAWN_JS = """async (id) => {
 
 def _vega_specs(html: str) -> dict[str, dict]:
     """div id -> the Vega-Lite spec DVC embedded for it."""
-    found = re.findall(r'<div id = "([^"]+)">\s*<script type = "text/javascript">\s*var spec = (.*?);\s*'
-                       r"vegaEmbed\('#\1', spec\);", html, flags=re.S)
+    found = re.findall(
+        r'<div id = "([^"]+)">\s*<script type = "text/javascript">\s*var spec = (.*?);\s*'
+        r"vegaEmbed\('#\1', spec\);",
+        html,
+        flags=re.S,
+    )
     return {div: json.loads(spec) for div, spec in found}
 
 
@@ -296,12 +330,17 @@ def test_plots_diff_page_renders_offline(browser, plots_template, pinned, tmp_pa
     titles = {_title(spec): div for div, spec in specs.items()}
     both = ("HEAD", "pinned")
     wanted = {  # title -> the (revision, source) series it must draw
-        "ROC (micro-average, first seed), MAE probe / fine-tune vs the random-weight controls and raw pixels":
-            {(rev, f"roc_{m}.csv") for rev in both
-             for m in ("probe", "finetune", "scratch", "probe_random", "pixels_logreg")},
-        "Probe and fine-tune loss per step (mean over seeds)":
-            {(rev, f"{m}/curve.csv::{col}") for rev in both for m in ("probe", "finetune")
-             for col in ("train_loss", "val_loss")},
+        "ROC (micro-average, first seed), MAE probe / fine-tune vs the random-weight controls and raw pixels": {
+            (rev, f"roc_{m}.csv")
+            for rev in both
+            for m in ("probe", "finetune", "scratch", "probe_random", "pixels_logreg")
+        },
+        "Probe and fine-tune loss per step (mean over seeds)": {
+            (rev, f"{m}/curve.csv::{col}")
+            for rev in both
+            for m in ("probe", "finetune")
+            for col in ("train_loss", "val_loss")
+        },
         "plots/evaluate/roc_finetune.csv": {(rev, "") for rev in both},
         "plots/finetune/curve.csv": {(rev, "") for rev in both},
     }

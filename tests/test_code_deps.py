@@ -1,11 +1,11 @@
 """Every stage's code deps in dvc.yaml are exactly the `pipeline` modules it can execute, so an
 edit to any of them makes exactly the stages that run it stale."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, sh
 
 sys.path.insert(0, str(ROOT / "tools"))
@@ -23,8 +23,10 @@ def test_dvc_yaml_lists_every_imported_module_and_nothing_else():
 def test_the_static_graph_covers_what_a_stage_imports_at_run_time(stage):
     """An independent view: the modules loaded once a stage module is imported (module-level imports
     only, so a subset of the static graph, which also sees imports inside functions)."""
-    code = (f"import sys, importlib; importlib.import_module('pipeline.stages.{stage}'); "
-            "import pipeline.__main__; print('\\n'.join(m for m in sys.modules if m.split('.')[0] == 'pipeline'))")
+    code = (
+        f"import sys, importlib; importlib.import_module('pipeline.stages.{stage}'); "
+        "import pipeline.__main__; print('\\n'.join(m for m in sys.modules if m.split('.')[0] == 'pipeline'))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     files = {str(codedeps.module_file(m).relative_to(ROOT)) for m in loaded.stdout.split()}
     assert files <= set(codedeps.stage_deps(stage))
@@ -43,8 +45,13 @@ def test_lazy_imports_count(tmp_path):
     (pkg / "stages" / "__init__.py").write_text("")
     (pkg / "stages" / "evaluate.py").write_text("def run():\n    from .. import stats\n")
     assert codedeps.stage_deps("evaluate", tmp_path) == [
-        "pipeline/__init__.py", "pipeline/__main__.py", "pipeline/errors.py", "pipeline/stages/__init__.py",
-        "pipeline/stages/evaluate.py", "pipeline/stats.py"]
+        "pipeline/__init__.py",
+        "pipeline/__main__.py",
+        "pipeline/errors.py",
+        "pipeline/stages/__init__.py",
+        "pipeline/stages/evaluate.py",
+        "pipeline/stats.py",
+    ]
 
 
 def _stale(repo) -> set[str]:
@@ -56,9 +63,11 @@ def test_editing_a_module_makes_exactly_its_importers_stale(repro_copy):
     assert _stale(repo) == set()
     deps = codedeps.expected(repo / "dvc.yaml")
     cells = {f"pretrain@{p}-{m}" for p in (4, 8) for m in (0.5, 0.75)}
-    for module, importers in (("pipeline/represent.py", {"select"}),
-                              ("pipeline/stages/arm.py", {"probe", "probe_random", "finetune", "scratch"}),
-                              ("pipeline/params.py", set(deps) - {"pretrain"} | cells)):
+    for module, importers in (
+        ("pipeline/represent.py", {"select"}),
+        ("pipeline/stages/arm.py", {"probe", "probe_random", "finetune", "scratch"}),
+        ("pipeline/params.py", set(deps) - {"pretrain"} | cells),
+    ):
         # The derived deps agree with what we know these modules do ...
         assert {s for s, files in deps.items() if module in files} == {s.split("@")[0] for s in importers}
         original = (repo / module).read_text()

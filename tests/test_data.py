@@ -1,4 +1,5 @@
 """Loaders on files written in the exact on-disk formats (IDX gz, CIFAR-10 python pickles)."""
+
 import gzip
 import pickle
 import struct
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import cli, tiny_params, write_params
+
 from pipeline import data
 from pipeline.errors import UserError
 
@@ -23,8 +24,12 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def write_idx_dataset(folder: Path, n_train=60, n_test=20, seed=0) -> dict:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"train_images": rng.integers(0, 256, (n_train, 28, 28)), "train_labels": np.arange(n_train) % 10,
-              "test_images": rng.integers(0, 256, (n_test, 28, 28)), "test_labels": np.arange(n_test) % 10}
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+        "train_labels": np.arange(n_train) % 10,
+        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+        "test_labels": np.arange(n_test) % 10,
+    }
     for key, name in data.IDX_FILES.items():
         write_idx(folder / name, arrays[key])
     return arrays
@@ -36,9 +41,12 @@ def write_cifar(folder: Path, per_batch=10, seed=0) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     batches = {}
     for name in data.CIFAR_TRAIN + data.CIFAR_TEST:
-        d = {b"batch_label": name.encode(), b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
-             b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-             b"filenames": [f"img{i}.png".encode() for i in range(per_batch)]}
+        d = {
+            b"batch_label": name.encode(),
+            b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"img{i}.png".encode() for i in range(per_batch)],
+        }
         with open(folder / name, "wb") as f:
             pickle.dump(d, f, protocol=2)
         batches[name] = d
@@ -157,8 +165,7 @@ def test_prepared_file_roundtrip_and_corruption(tmp_path):
 def test_data_stage_on_a_corrupt_local_copy_writes_nothing(tmp_path):
     write_idx_dataset(tmp_path / "data" / "raw" / "mnist")
     (tmp_path / "data" / "raw" / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"garbage")
-    write_params(tmp_path, tiny_params(**{"data.dataset": "mnist",
-                                          "data.verify_checksums": False}))
+    write_params(tmp_path, tiny_params(**{"data.dataset": "mnist", "data.verify_checksums": False}))
     out = cli(tmp_path, "data")
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith("maepipe: error: data: ")
@@ -180,8 +187,10 @@ def test_labels_out_of_range_are_corrupt(tmp_path):
         data.prepare("mnist", 28, 0.25, 0, tmp_path, verify_checksums=False, download=False)
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed "
-                                                       "(apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not DEBIAN_FASHION.is_dir(),
+    reason="Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)",
+)
 def test_real_fashion_mnist_from_debian_passes_checksums(tmp_path):
     spec = data.SPECS["fashion_mnist"]
     assert data.locate(spec, tmp_path, download=False) == DEBIAN_FASHION

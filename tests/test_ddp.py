@@ -1,9 +1,9 @@
 """Data-parallel training under torchrun, for real: 2 CPU processes with the gloo backend."""
+
 import json
 import sys
 
 import pytest
-
 from conftest import cli, make_repo, sh, tiny_params, write_params
 from test_pipeline_e2e import mlflow_runs
 
@@ -11,8 +11,22 @@ CELL = "p8-m0.75"
 
 
 def torchrun(repo, *args, check=True):
-    return sh([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pipeline", *args], repo, check=check, PYTHONPATH=str(repo))
+    return sh(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            *args,
+        ],
+        repo,
+        check=check,
+        PYTHONPATH=str(repo),
+    )
 
 
 def pretrain_metrics(repo, launcher):

@@ -1,5 +1,6 @@
 """DVC as a team uses it: models fetched by name (`dvc artifacts get`), the grid split across
 machines through a shared remote and its run cache, and an experiments table that fits a screen."""
+
 import json
 import re
 
@@ -7,9 +8,17 @@ from conftest import make_repo, sh, tiny_params
 
 CELLS = {"a": ["pretrain@4-0.5", "pretrain@4-0.75"], "b": ["pretrain@8-0.5", "pretrain@8-0.75"]}
 # The README's line for `dvc exp show` (section "Pinning a cell, label budgets, experiments").
-EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep",
-            r"Experiment|Created|^patch$|^mask_ratio$|labels_per_class|^cell$|^finetune$|^scratch$|^probe$"
-            r"|^probe_random$|^pixels_logreg$|^ft-scratch|^probe-rand"]
+EXP_SHOW = [
+    "dvc",
+    "exp",
+    "show",
+    "--no-pager",
+    "--drop",
+    ".*",
+    "--keep",
+    r"Experiment|Created|^patch$|^mask_ratio$|labels_per_class|^cell$|^finetune$|^scratch$|^probe$"
+    r"|^probe_random$|^pixels_logreg$|^ft-scratch|^probe-rand",
+]
 
 
 def test_models_are_fetched_by_name_from_a_clone(repro_template, tmp_path):
@@ -18,8 +27,10 @@ def test_models_are_fetched_by_name_from_a_clone(repro_template, tmp_path):
 
     sh(["dvc", "artifacts", "get", str(repo), "mae-encoder", "-o", "encoder.pt"], tmp_path)
     assert (tmp_path / "encoder.pt").read_bytes() == (repo / "models" / "encoder.pt").read_bytes()
-    assert checkpoint.load(tmp_path / "encoder.pt")["meta"]["cell"] == json.loads(
-        (repo / "metrics" / "select.json").read_text())["cell"]
+    assert (
+        checkpoint.load(tmp_path / "encoder.pt")["meta"]["cell"]
+        == json.loads((repo / "metrics" / "select.json").read_text())["cell"]
+    )
     sh(["dvc", "artifacts", "get", str(repo), "finetuned-classifier", "-o", "classifier"], tmp_path)
     assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["s0.pt", "s1.pt"]
     clf = checkpoint.build_classifier(checkpoint.load(tmp_path / "classifier" / "s0.pt"))

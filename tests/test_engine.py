@@ -11,13 +11,13 @@ from pipeline.errors import UserError
 
 
 def test_lars_step_matches_hand_computation():
-    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))   # |w| = 5
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
     b = nn.Parameter(torch.tensor([1.0]))
     opt = engine.LARS([{"params": [w, b], "lr": 0.5, "weight_decay": 0.1}], lr=0.5)
     w.grad = torch.tensor([[0.0, 1.0]])
     b.grad = torch.tensor([2.0])
     opt.step()
-    update = torch.tensor([[0.3, 1.4]])             # grad + 0.1 * w
+    update = torch.tensor([[0.3, 1.4]])  # grad + 0.1 * w
     ratio = 0.001 * 5.0 / update.norm()
     assert torch.allclose(w.detach(), torch.tensor([[3.0, 4.0]]) - 0.5 * ratio * update)
     # 1-D (biases): the plain momentum step at the full lr, no trust ratio, no decay (as in MAE's LARS).
@@ -36,8 +36,8 @@ def test_layer_decay_groups_scale_lr_by_depth():
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert len(lr_of) == sum(1 for _ in enc.parameters())  # every parameter, once
     # 3 blocks: embedding 0.5^4, block i (0-based) 0.5^(3 - i), final norm 0.5^0.
-    assert lr_of[id(enc.patch_embed.weight)] == (0.5 ** 4, 0.05)
-    assert lr_of[id(enc.cls_token)] == (0.5 ** 4, 0.0)
+    assert lr_of[id(enc.patch_embed.weight)] == (0.5**4, 0.05)
+    assert lr_of[id(enc.cls_token)] == (0.5**4, 0.0)
     for i, block in enumerate(enc.blocks):
         assert lr_of[id(block.attn.qkv.weight)] == (0.5 ** (3 - i), 0.05)
         assert lr_of[id(block.norm1.bias)] == (0.5 ** (3 - i), 0.0)
@@ -93,9 +93,22 @@ def _toy_fit(lr: float, seed: int = 0):
     y = (x[:, 0] > 0).long()
     model = nn.Linear(3, 2)
     opt = engine.make_optimizer("sgd", engine.param_groups(model, lr, 0.0), device)
-    return engine.fit_classifier(stage="toy", module=model, forward=model, optimizer=opt, x_train=x, y_train=y,
-                                 x_val=x, y_val=y, epochs=3, batch_size=16, warmup_epochs=0.5, device=device,
-                                 seed=seed, on_epoch=lambda e, m: None)
+    return engine.fit_classifier(
+        stage="toy",
+        module=model,
+        forward=model,
+        optimizer=opt,
+        x_train=x,
+        y_train=y,
+        x_val=x,
+        y_val=y,
+        epochs=3,
+        batch_size=16,
+        warmup_epochs=0.5,
+        device=device,
+        seed=seed,
+        on_epoch=lambda e, m: None,
+    )
 
 
 def test_fit_is_deterministic_and_learns():
@@ -106,13 +119,12 @@ def test_fit_is_deterministic_and_learns():
 
 def test_nan_loss_stops_with_clear_error():
     with pytest.raises(engine.Diverged, match=r"toy: the training loss became (nan|inf) in epoch \d"):
-        _toy_fit(float(1e38))
+        _toy_fit(1e38)
 
 
 def test_unknown_optimizer():
     with pytest.raises(UserError, match="optimizer"):
-        engine.make_optimizer("adagrad", [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}],
-                              torch.device("cpu"))
+        engine.make_optimizer("adagrad", [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}], torch.device("cpu"))
 
 
 def test_batch_indices_cover_each_sample_once():
@@ -170,11 +182,16 @@ def _vit_fit(compile_on: bool, tmp_path, **env):
 
     root = Path(__file__).resolve().parents[1]
     full_env = {**os.environ, "PYTHONPATH": str(root), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), **env}
-    proc = subprocess.run([sys.executable, "-c", _VIT_FIT, "true" if compile_on else "false"], env=full_env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _VIT_FIT, "true" if compile_on else "false"],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("HISTORY ")][-1]
-    return json.loads(line[len("HISTORY "):]), proc.stderr
+    return json.loads(line[len("HISTORY ") :]), proc.stderr
 
 
 _NO_CXX = shutil.which(os.environ.get("CXX", "g++")) is None
@@ -224,6 +241,19 @@ def test_torchrun_batch_must_split_evenly(monkeypatch):
     opt = engine.make_optimizer("sgd", engine.param_groups(model, 0.1, 0.0), torch.device("cpu"))
     x, y = torch.randn(12, 3), torch.zeros(12, dtype=torch.long)
     with pytest.raises(UserError, match="batch size 3 is not a multiple of the 2 torchrun processes"):
-        engine.fit_classifier(stage="toy", module=model, forward=model, optimizer=opt, x_train=x, y_train=y,
-                              x_val=x, y_val=y, epochs=1, batch_size=3, warmup_epochs=0,
-                              device=torch.device("cpu"), seed=0, on_epoch=lambda e, m: None)
+        engine.fit_classifier(
+            stage="toy",
+            module=model,
+            forward=model,
+            optimizer=opt,
+            x_train=x,
+            y_train=y,
+            x_val=x,
+            y_val=y,
+            epochs=1,
+            batch_size=3,
+            warmup_epochs=0,
+            device=torch.device("cpu"),
+            seed=0,
+            on_epoch=lambda e, m: None,
+        )

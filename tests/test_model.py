@@ -3,8 +3,19 @@ import math
 import pytest
 import torch
 
-from pipeline.model import (MAE, Classifier, Encoder, ViTConfig, count_parameters, masked_pixel_sse,
-                            num_visible, patchify, random_masking, sincos_pos_embed_2d, unpatchify)
+from pipeline.model import (
+    MAE,
+    Classifier,
+    Encoder,
+    ViTConfig,
+    count_parameters,
+    masked_pixel_sse,
+    num_visible,
+    patchify,
+    random_masking,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 
 def cfg(patch=4, size=16, channels=1, dim=32, depth=1, heads=2):
@@ -34,8 +45,9 @@ def test_sincos_positions():
         sincos_pos_embed_2d(10, 3)
 
 
-@pytest.mark.parametrize("patches,ratio,visible", [(196, 0.3, 138), (49, 0.9, 5), (4, 0.9, 1), (4, 0.5, 2),
-                                                    (16, 0.75, 4)])
+@pytest.mark.parametrize(
+    "patches,ratio,visible", [(196, 0.3, 138), (49, 0.9, 5), (4, 0.9, 1), (4, 0.5, 2), (16, 0.75, 4)]
+)
 def test_num_visible(patches, ratio, visible):
     assert num_visible(patches, ratio) == visible
 

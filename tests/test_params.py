@@ -1,7 +1,7 @@
 import pytest
 import yaml
-
 from conftest import ROOT, cli, tiny_params, write_params
+
 from pipeline import params
 from pipeline.errors import UserError
 
@@ -36,16 +36,23 @@ BAD = [
     ({"pretrain.phases": ["x"]}, "pretrain.phases[0] = 'x': must be a mapping"),
     ({"pretrain.phases": [{"epochs": 1}, {"augment": []}]}, "pretrain.phases[1].epochs: missing (required)"),
     ({"pretrain.phases": [{"epochs": 1, "aug": []}]}, "pretrain.phases[0].aug: unknown key"),
-    ({"pretrain.phases": [{"epochs": 1, "augment": ["rotate"]}]},
-     "pretrain.phases[0].augment[0] = 'rotate': must be one of shift, crop, flip"),
+    (
+        {"pretrain.phases": [{"epochs": 1, "augment": ["rotate"]}]},
+        "pretrain.phases[0].augment[0] = 'rotate': must be one of shift, crop, flip",
+    ),
     ({"pretrain.phases": [{"epochs": 1, "augment": "crop"}]}, "pretrain.phases[0].augment = 'crop': must be a list"),
-    ({"pretrain.phases": [{"epochs": 1, "augment": []}, {"epochs": 1, "augment": ["crop", "flip"]}]},
-     "pretrain.phases[1].augment = ['crop', 'flip']: flip is not allowed for digits"),
+    (
+        {"pretrain.phases": [{"epochs": 1, "augment": []}, {"epochs": 1, "augment": ["crop", "flip"]}]},
+        "pretrain.phases[1].augment = ['crop', 'flip']: flip is not allowed for digits",
+    ),
     ({"select.knn_k": 0}, "select.knn_k = 0: must be a positive integer"),
     ({"pretrain.knn_k": 20}, "pretrain.knn_k: unknown key"),
     ({"select.folds": 1.5}, "select.folds = 1.5: must be a positive integer"),
     ({"downstream.labels_per_class": 0}, "downstream.labels_per_class = 0: must be a positive integer or all"),
-    ({"downstream.labels_per_class": "many"}, "downstream.labels_per_class = 'many': must be a positive integer or all"),
+    (
+        {"downstream.labels_per_class": "many"},
+        "downstream.labels_per_class = 'many': must be a positive integer or all",
+    ),
     ({"downstream.seeds": 0}, "downstream.seeds = 0: must be a positive integer"),
     ({"finetune.layer_decay": 0}, "finetune.layer_decay = 0: must be a number in (0, 1]"),
     ({"finetune.layer_decay": 1.5}, "finetune.layer_decay = 1.5: must be a number in (0, 1]"),
@@ -55,18 +62,24 @@ BAD = [
     ({"finetune.augment": ["blur"]}, "finetune.augment[0] = 'blur': must be one of shift, crop, flip"),
     ({"probe.warmup_steps": 30}, "probe.warmup_steps = 30: must be less than probe.steps = 30"),
     ({"finetune.warmup_steps": -1}, "finetune.warmup_steps = -1: must be an integer >= 0"),
-    ({"pretrain_full.phases": [{"epochs": 1, "augment": ["flip"]}]},
-     "pretrain_full.phases[0].augment = ['flip']: flip is not allowed for digits"),
+    (
+        {"pretrain_full.phases": [{"epochs": 1, "augment": ["flip"]}]},
+        "pretrain_full.phases[0].augment = ['flip']: flip is not allowed for digits",
+    ),
     ({"pretrain_full.lr": 0}, "pretrain_full.lr = 0: must be a positive number"),
     ({"pretrain_full.train_limit": -5}, "pretrain_full.train_limit = -5: must be a positive integer"),
     ({"downstream.dataset": "svhn"}, "downstream.dataset = 'svhn': must be one of fashion_mnist"),
     ({"downstream.image_size": -1}, "downstream.image_size = -1: must be a positive integer"),
-    ({"patch": 8, "downstream.image_size": 20},
-     "downstream.image_size = 20: the selected encoder has patch 8, which must divide"),
+    (
+        {"patch": 8, "downstream.image_size": 20},
+        "downstream.image_size = 20: the selected encoder has patch 8, which must divide",
+    ),
     ({"finetune.steps": -3}, "finetune.steps = -3: must be a positive integer"),
     ({"finetune.epochs": 3}, "finetune.epochs: unknown key"),
-    ({"patch": "auto", "grid.patch": [8], "downstream.image_size": 20},
-     "downstream.image_size = 20: the selected encoder has patch 8, which must divide"),
+    (
+        {"patch": "auto", "grid.patch": [8], "downstream.image_size": 20},
+        "downstream.image_size = 20: the selected encoder has patch 8, which must divide",
+    ),
     ({"pretrain.batch_size": 0}, "pretrain.batch_size = 0: must be a positive integer"),
     ({"pretrain.batch_size": 12.5}, "pretrain.batch_size = 12.5: must be a positive integer"),
     ({"pretrain.phases": [{"epochs": True}]}, "pretrain.phases[0].epochs = True: must be a positive integer"),
@@ -81,9 +94,14 @@ BAD = [
     ({"pretrain.epoch": 3}, "pretrain.epoch: unknown key"),
     ({"seed": 2**32}, "seed = 4294967296: must be an integer from 0 to 2**32 - 2"),
     ({"probe.batch_size": 1}, "probe.batch_size = 1: must be an integer >= 2"),
-    ({"pretrain.loss": "norm_pix", "select.metric": "val_mse"}, "select.metric = 'val_mse' with pretrain.loss = 'norm_pix'"),
-    ({"pretrain.loss": "norm_pix", "select.metric": "val_loss", "grid.patch": [1, 4]},
-     "grid.patch = 1: norm_pix normalises each patch by its own std"),
+    (
+        {"pretrain.loss": "norm_pix", "select.metric": "val_mse"},
+        "select.metric = 'val_mse' with pretrain.loss = 'norm_pix'",
+    ),
+    (
+        {"pretrain.loss": "norm_pix", "select.metric": "val_loss", "grid.patch": [1, 4]},
+        "grid.patch = 1: norm_pix normalises each patch by its own std",
+    ),
 ]
 
 
@@ -96,10 +114,18 @@ def test_bad_values_are_one_clear_error(override, message):
 
 
 def test_phases_and_downstream_parse():
-    p = params.parse(tiny_params(**{
-        "data.dataset": "fashion_mnist", "data.image_size": 16,
-        "pretrain.phases": [{"epochs": 2}, {"epochs": 3, "augment": ["crop", "flip", "shift"]}],
-        "downstream.dataset": "cifar10", "downstream.image_size": 32, "select.metric": "knn_acc"}))
+    p = params.parse(
+        tiny_params(
+            **{
+                "data.dataset": "fashion_mnist",
+                "data.image_size": 16,
+                "pretrain.phases": [{"epochs": 2}, {"epochs": 3, "augment": ["crop", "flip", "shift"]}],
+                "downstream.dataset": "cifar10",
+                "downstream.image_size": 32,
+                "select.metric": "knn_acc",
+            }
+        )
+    )
     assert p.pretrain.epochs == 5 and p.pretrain.phase_of() == [1, 1, 2, 2, 2]
     assert params.flatten(p)["pretrain.phases"] == "2xnone,3xcrop+flip+shift"
     assert p.downstream_dataset == "cifar10" and p.downstream_size == 32
@@ -121,7 +147,8 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     out = cli(tmp_path, "validate")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "maepipe: error: params: grid.patch = 3: must divide data.image_size = 16 (allowed: 1, 2, 4, 8, 16)"]
+        "maepipe: error: params: grid.patch = 3: must divide data.image_size = 16 (allowed: 1, 2, 4, 8, 16)"
+    ]
     assert "Traceback" not in out.stderr + out.stdout
 
 
@@ -153,7 +180,12 @@ def test_seed_preset_is_valid_and_sized_like_the_seeds():
             node = node[k]
         node[last] = value
     p = params.parse(raw)
-    assert p.pretrain.epochs == 10 and p.pretrain.phases[0].augment == () and p.pretrain.batch_size == 256 and p.pretrain.lr == 3e-4
+    assert (
+        p.pretrain.epochs == 10
+        and p.pretrain.phases[0].augment == ()
+        and p.pretrain.batch_size == 256
+        and p.pretrain.lr == 3e-4
+    )
     assert p.finetune.lr_encoder == 9.5e-5 and p.finetune.lr_head == 8e-4 and p.finetune.steps == 2110
     assert p.downstream.labels_per_class == "all"
     enc = Encoder(ViTConfig(28, 1, 7, p.model.dim, p.model.depth, p.model.heads))

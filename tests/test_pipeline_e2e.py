@@ -1,5 +1,6 @@
 """The real thing on a tiny config: `dvc repro`, `dvc exp run -S ...`, queued experiments,
 `dvc plots diff`, and the MLflow store they leave behind. No mocks."""
+
 import json
 import socket
 import sys
@@ -8,7 +9,6 @@ import time
 import pytest
 import torch
 import yaml
-
 from conftest import cli, make_repo, sh, tiny_params, write_params
 
 CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
@@ -42,8 +42,9 @@ def _csv(repo, rel):
 def test_repro_runs_every_stage_and_writes_grid_outputs(repro):
     repo, log = repro
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    expected = ({"validate", "data", "budget", "select", "pretrain_full", "evaluate", *DOWNSTREAM}
-                | {f"pretrain@{c[1:].replace('-m', '-')}" for c in CELLS})
+    expected = {"validate", "data", "budget", "select", "pretrain_full", "evaluate", *DOWNSTREAM} | {
+        f"pretrain@{c[1:].replace('-m', '-')}" for c in CELLS
+    }
     assert set(lock) == expected
     for cell in CELLS:
         m = _json(repo, f"metrics/pretrain/{cell}.json")
@@ -76,7 +77,8 @@ def test_select_scores_cells_on_the_budget_and_picks_by_its_metric(repro):
     for view in ("knn_acc", "probe_acc"):
         top_cell = max(grid, key=lambda r: float(r[view]))["cell"]
         assert float(next(r for r in grid if r["cell"] == sel["best_by"][view])[view]) == float(
-            next(r for r in grid if r["cell"] == top_cell)[view])
+            next(r for r in grid if r["cell"] == top_cell)[view]
+        )
     from scipy.stats import spearmanr
 
     rho = spearmanr([-float(r["val_mse"]) for r in grid], [float(r["probe_acc"]) for r in grid]).statistic
@@ -135,7 +137,7 @@ def test_evaluate_is_recomputable_from_the_committed_predictions(repro):
     for a, b in (("finetune", "scratch"), ("probe", "probe_random")):
         c = ev["comparisons"][f"{a}-{b}"]
         again = stats.paired_bootstrap(correct[a], correct[b], seed=0)
-        assert c["diff"] == pytest.approx((correct[a].mean() - correct[b].mean()))
+        assert c["diff"] == pytest.approx(correct[a].mean() - correct[b].mean())
         assert (c["ci_low"], c["ci_high"]) == pytest.approx((again["ci_low"], again["ci_high"]))
         assert c["ci_low"] <= c["diff"] <= c["ci_high"]
         assert c["mcnemar_p"] == pytest.approx([stats.mcnemar(correct[a][k], correct[b][k])["p"] for k in range(2)])
@@ -145,8 +147,14 @@ def test_evaluate_is_recomputable_from_the_committed_predictions(repro):
         confusion = _csv(repo, f"plots/evaluate/confusion_{arm}.csv")
         assert len(confusion) == 359
         assert [int(r["predicted"]) for r in confusion] == [int(r[f"{arm}_s0"]) for r in rows]
-    for name in ("roc.png", "confusion.png", "predictions.png", "grid/val_mse.png", "grid/knn_acc.png",
-                 "grid/probe_acc.png"):
+    for name in (
+        "roc.png",
+        "confusion.png",
+        "predictions.png",
+        "grid/val_mse.png",
+        "grid/knn_acc.png",
+        "grid/probe_acc.png",
+    ):
         assert (repo / "plots" / "images" / name).stat().st_size > 1000
     table = (repo / "reports" / "evaluate.md").read_text()
     assert all(f"| {m} |" in table for m in DOWNSTREAM) and "| finetune-scratch |" in table
@@ -165,8 +173,11 @@ def test_mlflow_store_has_one_run_per_stage(repro):
     client, runs = mlflow_runs(repo)
     names = sorted(r.info.run_name for r in runs)
     chosen = _json(repo, "metrics/select.json")["cell"]
-    assert names == sorted(["data", f"select-{chosen}", f"pretrain_full-{chosen}", "evaluate"]
-                           + [f"pretrain-{c}" for c in CELLS] + [f"{arm}-{chosen}" for arm in DOWNSTREAM])
+    assert names == sorted(
+        ["data", f"select-{chosen}", f"pretrain_full-{chosen}", "evaluate"]
+        + [f"pretrain-{c}" for c in CELLS]
+        + [f"{arm}-{chosen}" for arm in DOWNSTREAM]
+    )
     head = sh(["git", "rev-list", "--max-parents=0", "HEAD"], repo).stdout.strip()
     for r in runs:
         assert r.info.status == "FINISHED"
@@ -193,7 +204,8 @@ def test_mlflow_store_has_one_run_per_stage(repro):
     ft = next(r for r in runs if r.info.run_name.startswith("finetune-"))
     # Every lr is per 256 images: batch 64 steps at a quarter of it.
     assert float(ft.data.params["finetune.lr_encoder_scaled"]) == pytest.approx(
-        float(ft.data.params["finetune.lr_encoder"]) * 64 / 256)
+        float(ft.data.params["finetune.lr_encoder"]) * 64 / 256
+    )
     assert [m.step for m in client.get_metric_history(ft.info.run_id, "val_acc_s1")] == list(range(2, 22, 2))
 
 
@@ -237,8 +249,17 @@ def test_plots_diff_renders_between_revisions(repro_copy, tmp_path):
     out_dir = tmp_path / "plots_html"
     sh(["dvc", "plots", "diff", "HEAD", "shorter", "-o", str(out_dir)], repo)
     html = (out_dir / "index.html").read_text()
-    for name in ("roc_finetune.csv", "roc_scratch.csv", "confusion_probe.csv", "p4-m0.5.csv", "knn_acc.png",
-                 "ROC (micro-average", "pretrained vs from scratch", "recon_full.png", "shorter"):
+    for name in (
+        "roc_finetune.csv",
+        "roc_scratch.csv",
+        "confusion_probe.csv",
+        "p4-m0.5.csv",
+        "knn_acc.png",
+        "ROC (micro-average",
+        "pretrained vs from scratch",
+        "recon_full.png",
+        "shorter",
+    ):
         assert name in html, name
 
 
@@ -246,8 +267,23 @@ def test_queued_experiment_logs_to_the_root_store(repro_copy):
     """`--queue` runs in a temporary copy without git-ignored files; the store must be DVC_ROOT's."""
     repo = repro_copy
     # A smaller grid (no dvc.yaml edit) and a shorter fine-tune, so finetune and evaluate must run.
-    sh(["dvc", "exp", "run", "--queue", "-n", "queued", "-S", "grid.patch=[4]", "-S", "patch=auto",
-        "-S", "finetune.steps=10"], repo)
+    sh(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "--queue",
+            "-n",
+            "queued",
+            "-S",
+            "grid.patch=[4]",
+            "-S",
+            "patch=auto",
+            "-S",
+            "finetune.steps=10",
+        ],
+        repo,
+    )
     sh(["dvc", "queue", "start"], repo)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -300,8 +336,10 @@ def test_cpu_runs_are_identical(tiny_repo):
     for _ in range(2):
         out = cli(tiny_repo, "pretrain", "--patch", "8", "--mask", "0.75")
         assert out.returncode == 0, out.stderr
-        results.append((tiny_repo / "metrics" / "pretrain" / "p8-m0.75.json").read_text()
-                       + (tiny_repo / "plots" / "pretrain" / "p8-m0.75.csv").read_text())
+        results.append(
+            (tiny_repo / "metrics" / "pretrain" / "p8-m0.75.json").read_text()
+            + (tiny_repo / "plots" / "pretrain" / "p8-m0.75.csv").read_text()
+        )
     assert results[0] == results[1]
 
 
@@ -311,8 +349,11 @@ def test_another_core_count_changes_only_the_last_digits(tiny_repo):
     assert cli(tiny_repo, "data").returncode == 0
     results = []
     for cpus in ("0", "0,1"):
-        sh(["taskset", "-c", cpus, sys.executable, "-m", "pipeline", "pretrain", "--patch", "4", "--mask", "0.5"],
-           tiny_repo, PYTHONPATH=str(tiny_repo))
+        sh(
+            ["taskset", "-c", cpus, sys.executable, "-m", "pipeline", "pretrain", "--patch", "4", "--mask", "0.5"],
+            tiny_repo,
+            PYTHONPATH=str(tiny_repo),
+        )
         results.append(json.loads((tiny_repo / "metrics" / "pretrain" / "p4-m0.5.json").read_text()))
     one, two = results
     assert one.keys() == two.keys()
@@ -331,8 +372,12 @@ def test_bench_runs_and_writes_its_table(tiny_repo):
     assert cli(tiny_repo, "data").returncode == 0
     out = sh([sys.executable, "-m", "pipeline.bench", "--steps", "1", "--patches", "4,8"], tiny_repo)
     result = json.loads((tiny_repo / "bench" / "results-cpu.json").read_text())
-    assert [r["what"] for r in result["rows"]] == ["MAE pretrain p4-m0.5", "MAE pretrain p8-m0.5",
-                                                   "probe epoch p8", "finetune epoch p8"]
+    assert [r["what"] for r in result["rows"]] == [
+        "MAE pretrain p4-m0.5",
+        "MAE pretrain p8-m0.5",
+        "probe epoch p8",
+        "finetune epoch p8",
+    ]
     assert all(r["naive_img_s"] > 0 and r["maepipe_img_s"] > 0 for r in result["rows"])
     assert result["rows"][0]["gflop_per_img"] > 0 and result["torch"] == torch.__version__
     assert "x" in out.stdout and "results-cpu.json" in out.stdout
@@ -350,7 +395,9 @@ def test_dvc_remote_round_trip_needs_no_retraining(repro_copy, tmp_path):
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
     sh(["dvc", "pull"], clone)
-    assert (clone / "models" / "finetune" / "s0.pt").read_bytes() == (repo / "models" / "finetune" / "s0.pt").read_bytes()
+    assert (clone / "models" / "finetune" / "s0.pt").read_bytes() == (
+        repo / "models" / "finetune" / "s0.pt"
+    ).read_bytes()
     assert (clone / "data" / "prepared" / "pretrain.npz").is_file()
     assert "up to date" in sh(["dvc", "status"], clone).stdout
     out = sh(["dvc", "repro"], clone).stdout
@@ -369,8 +416,15 @@ def test_kill_9_mid_pretrain_then_repro_finishes_with_the_same_results(repro, tm
 
     base, _ = repro
     repo = make_repo(tmp_path / "repo", tiny_params())
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     try:
         for line in proc.stdout:
@@ -385,7 +439,11 @@ def test_kill_9_mid_pretrain_then_repro_finishes_with_the_same_results(repro, tm
     assert not (repo / "metrics" / "pretrain" / "p4-m0.75.json").exists()
     out = sh(["dvc", "repro"], repo).stdout
     assert "Running stage 'pretrain@4-0.75'" in out and "Stage 'pretrain@4-0.5' didn't change" in out
-    for rel in ["metrics/select.json", "metrics/evaluate.json",
-                *[f"metrics/pretrain/{c}.json" for c in CELLS], *[f"plots/pretrain/{c}.csv" for c in CELLS]]:
+    for rel in [
+        "metrics/select.json",
+        "metrics/evaluate.json",
+        *[f"metrics/pretrain/{c}.json" for c in CELLS],
+        *[f"plots/pretrain/{c}.csv" for c in CELLS],
+    ]:
         assert (repo / rel).read_text() == (base / rel).read_text(), rel
     assert "up to date" in sh(["dvc", "status"], repo).stdout

@@ -1,4 +1,5 @@
 """Progress bars for a person at a terminal, silence for logs."""
+
 import fcntl
 import os
 import pty

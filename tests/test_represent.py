@@ -28,6 +28,7 @@ def random_problem(n=600, d=8, classes=3, seed=0):
 
 # --- k-NN ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_knn_separated_clusters_is_perfect(device):
     x, y = clusters(seed=0)
@@ -71,7 +72,7 @@ def test_knn_weighted_vote_beats_majority_by_hand():
     y = torch.tensor([0, 1, 1, 0])
     q, qy = torch.tensor([[3.0, 0.0]]), torch.tensor([0])
     assert knn_accuracy(x, y, q, qy, 2, k=3, temperature=0.07) == 1.0  # weighted: class 0
-    assert knn_accuracy(x, y, q, qy, 2, k=3, temperature=1.0) == 0.0   # near-flat weights: class 1
+    assert knn_accuracy(x, y, q, qy, 2, k=3, temperature=1.0) == 0.0  # near-flat weights: class 1
 
 
 def test_knn_k_beyond_training_set_uses_all_and_tiny_temperature_does_not_overflow():
@@ -81,6 +82,7 @@ def test_knn_k_beyond_training_set_uses_all_and_tiny_temperature_does_not_overfl
 
 
 # --- ridge probe -----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_ridge_linearly_separable_is_perfect(device):
@@ -138,6 +140,7 @@ def test_ridge_constant_feature_is_harmless():
 
 # --- spearman --------------------------------------------------------------------------------
 
+
 def test_spearman():
     a = [1, 2, 3, 4, 5]
     assert spearman(a, [10, 20, 30, 40, 1000]) == pytest.approx(1.0)
@@ -155,6 +158,7 @@ def test_spearman():
 
 
 # --- validation ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fn", [knn_accuracy, ridge_probe_accuracy])
 def test_classifiers_reject_bad_inputs(fn):

@@ -1,13 +1,13 @@
 """Options a user sets in params.yaml, each taken through its stage on a repo that has run the tiny
 config (a private copy per test): selection criteria and pins, the pretraining losses, the MLP
 probe head, the scaled learning rates, and evaluate's AUCs against an independent computation."""
+
 import csv
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import cli, tiny_params, write_params
 
 CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]

@@ -1,4 +1,5 @@
 """pipeline.stats against hand computations, exact bootstrap enumerations and simulated coverage."""
+
 from __future__ import annotations
 
 import itertools
@@ -33,6 +34,7 @@ def inverse_cdf(support, cdf, q):
 
 
 # --- paired_bootstrap ----------------------------------------------------------------------------
+
 
 def test_make_arms_helper():
     a, b = make_arms([1, 0, -1])
@@ -72,13 +74,16 @@ def test_a_always_right_b_always_wrong_collapse_to_one():
     assert (r["diff"], r["ci_low"], r["ci_high"]) == (-1.0, -1.0, -1.0)
 
 
-@pytest.mark.parametrize("d, expected", [
-    # Hand-enumerated over all 4**4 resamples: P(mean <= -0.75) = 9/256 > 0.025 > P(mean = -1) = 1/256,
-    # and symmetrically on the upper side, so the exact 95 % percentile interval is [-0.75, 0.75].
-    ([1, 0, 0, -1], (-0.75, 0.75)),
-    # P(<= -0.75) = 5/256 < 0.025 < P(<= -0.5) = 19/256; P(<= 0.75) = 240/256 < 0.975.
-    ([1, 1, 0, -1], (-0.5, 1.0)),
-])
+@pytest.mark.parametrize(
+    "d, expected",
+    [
+        # Hand-enumerated over all 4**4 resamples: P(mean <= -0.75) = 9/256 > 0.025 > P(mean = -1) = 1/256,
+        # and symmetrically on the upper side, so the exact 95 % percentile interval is [-0.75, 0.75].
+        ([1, 0, 0, -1], (-0.75, 0.75)),
+        # P(<= -0.75) = 5/256 < 0.025 < P(<= -0.5) = 19/256; P(<= 0.75) = 240/256 < 0.975.
+        ([1, 1, 0, -1], (-0.5, 1.0)),
+    ],
+)
 def test_percentile_ci_matches_exact_enumeration(d, expected):
     support, cdf = exact_image_bootstrap(d)
     exact = (inverse_cdf(support, cdf, 0.025), inverse_cdf(support, cdf, 0.975))
@@ -102,7 +107,7 @@ def test_two_level_replicate_distribution_matches_enumeration():
     independent = Counter()
     for seeds in itertools.product(range(2), repeat=2):
         for imgs in itertools.product(range(2), repeat=4):
-            per_seed = [np.mean(d[s, list(imgs[2 * j:2 * j + 2])]) for j, s in enumerate(seeds)]
+            per_seed = [np.mean(d[s, list(imgs[2 * j : 2 * j + 2])]) for j, s in enumerate(seeds)]
             independent[np.mean(per_seed)] += 1 / 64
     assert exact != independent
 
@@ -190,15 +195,18 @@ def test_large_case_is_fast_enough():
     assert r["ci_low"] < r["diff"] < r["ci_high"]
 
 
-@pytest.mark.parametrize("a, b", [
-    (np.ones((2, 5)), np.ones((2, 6))),
-    (np.ones((2, 5)), np.ones((3, 5))),
-    (np.ones(5), np.ones((2, 5))),
-    (np.ones((0, 5)), np.ones((0, 5))),
-    (np.ones((2, 0)), np.ones((2, 0))),
-    (np.ones((1, 2, 3)), np.ones((1, 2, 3))),
-    (np.full((2, 3), 0.5), np.ones((2, 3))),
-])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (np.ones((2, 5)), np.ones((2, 6))),
+        (np.ones((2, 5)), np.ones((3, 5))),
+        (np.ones(5), np.ones((2, 5))),
+        (np.ones((0, 5)), np.ones((0, 5))),
+        (np.ones((2, 0)), np.ones((2, 0))),
+        (np.ones((1, 2, 3)), np.ones((1, 2, 3))),
+        (np.full((2, 3), 0.5), np.ones((2, 3))),
+    ],
+)
 def test_bad_input_raises(a, b):
     with pytest.raises(ValueError):
         paired_bootstrap(a, b, n_boot=10)
@@ -213,6 +221,7 @@ def test_bad_options_raise():
 
 
 # --- mcnemar -------------------------------------------------------------------------------------
+
 
 def discordant(b: int, c: int, both_right: int = 5, both_wrong: int = 3) -> tuple[np.ndarray, np.ndarray]:
     a = [1] * b + [0] * c + [1] * both_right + [0] * both_wrong
@@ -253,6 +262,7 @@ def test_mcnemar_bad_input():
 
 
 # --- mean_sd -------------------------------------------------------------------------------------
+
 
 def test_mean_sd_hand_example():
     # mean 2.5; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5; / (4 - 1)

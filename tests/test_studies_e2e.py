@@ -1,11 +1,11 @@
 """The seeds' studies on tiny real runs: two-phase pretraining as one curve, and transfer of a
 gray 16x16 encoder to RGB 32x32 CIFAR-10 (format-exact fixture files) through `dvc repro`."""
+
 import csv
 import json
 
 import torch
 import yaml
-
 from conftest import cli, make_repo, sh, tiny_params, write_params
 from test_data import write_cifar
 from test_pipeline_e2e import mlflow_runs
@@ -42,11 +42,20 @@ def test_two_phase_pretraining_is_one_curve_with_the_boundary_marked(tiny_repo):
 def test_transfer_gray_16px_encoder_to_rgb_32px_cifar10(tmp_path):
     raw = tmp_path / "raw"
     write_cifar(raw / "cifar10", per_batch=20)
-    params = tiny_params(**{
-        "grid.patch": [4], "grid.mask_ratio": [0.5], "probe.steps": 4, "probe.warmup_steps": 1,
-        "downstream.labels_per_class": "all", "select.metric": "val_mse",
-        "data.raw_dir": str(raw), "data.verify_checksums": False,
-        "downstream.dataset": "cifar10", "downstream.image_size": 32})
+    params = tiny_params(
+        **{
+            "grid.patch": [4],
+            "grid.mask_ratio": [0.5],
+            "probe.steps": 4,
+            "probe.warmup_steps": 1,
+            "downstream.labels_per_class": "all",
+            "select.metric": "val_mse",
+            "data.raw_dir": str(raw),
+            "data.verify_checksums": False,
+            "downstream.dataset": "cifar10",
+            "downstream.image_size": 32,
+        }
+    )
     repo = make_repo(tmp_path / "repo", params)
     sh(["dvc", "repro"], repo)
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())

@@ -1,13 +1,12 @@
 """Working in a team, for real: parallel queued experiments on a fresh SQLite store, and stages
 that are stopped (SIGTERM / Ctrl-C) end cleanly with their MLflow run marked KILLED."""
-import os
+
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import ROOT, cli, env, make_repo, sh, tiny_params, write_params
 from test_pipeline_e2e import DOWNSTREAM, mlflow_runs
 
@@ -31,7 +30,7 @@ def test_two_queued_experiments_run_in_parallel_on_a_fresh_store(tmp_path):
         time.sleep(3)
     logs = {name: sh(["dvc", "queue", "logs", name], repo, check=False).stdout for name in ("ft1", "ft3")}
     assert status.count("Success") == 2, status + "\n".join(logs.values())
-    for name, log in logs.items():
+    for log in logs.values():
         assert "database is locked" not in log and "duplicate column" not in log, log
     show = sh(["dvc", "exp", "show", "--json"], repo).stdout
     assert '"ft1"' in show and '"ft3"' in show
@@ -49,12 +48,18 @@ def test_two_queued_experiments_run_in_parallel_on_a_fresh_store(tmp_path):
 
 @pytest.mark.parametrize("sig,code,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
 def test_stopped_stage_ends_cleanly_and_its_run_is_killed(tiny_repo, sig, code, word):
-    write_params(tiny_repo, tiny_params(**{"pretrain.batch_size": 4,
-                                           "pretrain.phases": [{"epochs": 30, "augment": []}]}))
+    write_params(
+        tiny_repo, tiny_params(**{"pretrain.batch_size": 4, "pretrain.phases": [{"epochs": 30, "augment": []}]})
+    )
     assert cli(tiny_repo, "data").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "pretrain", "--patch", "4", "--mask", "0.5"],
-                            cwd=tiny_repo, env=env(PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "pretrain", "--patch", "4", "--mask", "0.5"],
+        cwd=tiny_repo,
+        env=env(PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if "epoch 1/30" in line:
             proc.send_signal(sig)

@@ -4,6 +4,7 @@ with `MLFLOW_TRACKING_URI`, and the runs read back through the MLflow client. No
 
 Needs Debian's `postgresql` package and psycopg2 (requirements.txt); without them the test is
 skipped, saying how to install them. With MAEPIPE_REQUIRE_POSTGRES=1 (CI) it fails instead."""
+
 import json
 import os
 import shutil
@@ -11,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import make_repo, sh, tiny_params
+
 from pipeline import server
 from pipeline.errors import UserError
 
@@ -72,8 +73,11 @@ def test_pipeline_logs_to_a_postgres_backed_tracking_server(tracking_server, tmp
     assert exp is not None and exp.artifact_location.startswith("mlflow-artifacts:")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     chosen = json.loads((repo / "metrics" / "select.json").read_text())["cell"]
-    expected = (["data", "evaluate", f"select-{chosen}", f"pretrain_full-{chosen}"] + [f"pretrain-{c}" for c in CELLS]
-                + [f"{stage}-{chosen}" for stage in DOWNSTREAM])
+    expected = (
+        ["data", "evaluate", f"select-{chosen}", f"pretrain_full-{chosen}"]
+        + [f"pretrain-{c}" for c in CELLS]
+        + [f"{stage}-{chosen}" for stage in DOWNSTREAM]
+    )
     assert sorted(r.info.run_name for r in runs) == sorted(expected)
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
 

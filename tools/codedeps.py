@@ -9,6 +9,7 @@ graph is only what every stage needs.
     python tools/codedeps.py          # exit 1 and list the differences when dvc.yaml is stale
     python tools/codedeps.py --write  # rewrite the pipeline/*.py deps of every stage in dvc.yaml
 """
+
 from __future__ import annotations
 
 import ast
@@ -97,8 +98,11 @@ def expected(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, list[str]]:
 
 def listed(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, list[str]]:
     text = dvc_yaml.read_text()
-    return {name: re.findall(r"^\s+- (pipeline/\S+\.py)$", text[start:end], re.M)
-            for name, start, end in _blocks(text) if CMD.search(text[start:end])}
+    return {
+        name: re.findall(r"^\s+- (pipeline/\S+\.py)$", text[start:end], re.M)
+        for name, start, end in _blocks(text)
+        if CMD.search(text[start:end])
+    }
 
 
 def differences(dvc_yaml: Path = ROOT / "dvc.yaml") -> dict[str, dict[str, list[str]]]:
@@ -128,7 +132,7 @@ def write(dvc_yaml: Path = ROOT / "dvc.yaml") -> None:
         new = "".join(f"{indent}- {f}\n" for f in want[name])
         first, last = lines[0].start(), lines[-1].end()
         kept = re.sub(r"^\s+- pipeline/\S+\.py\n", "", block[first:last], flags=re.M)
-        pieces += [text[pos:start + first], kept, new]
+        pieces += [text[pos : start + first], kept, new]
         pos = start + last
     dvc_yaml.write_text("".join(pieces) + text[pos:])
 

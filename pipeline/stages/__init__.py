@@ -3,8 +3,8 @@
 All output paths are relative to the working directory, which DVC sets to the repo root (or to
 the temporary copy under `dvc exp run --temp/--queue`); only the MLflow store lives at DVC_ROOT.
 """
-from pathlib import Path
 
+from pathlib import Path
 
 MODELS = Path("models")
 METRICS = Path("metrics")
@@ -58,6 +58,8 @@ def downstream_encoder(d: dict):
     encoder = adapted_encoder(ckpt, d)
     if encoder is None:
         size, patch = d["x_train"].shape[-1], ckpt["vit"]["patch"]
-        raise UserError(f"params: downstream.image_size = {size}: the selected encoder {ckpt['meta']['cell']} has "
-                        f"patch {patch}, which must divide it (sizes allowed: multiples of {patch})")
+        raise UserError(
+            f"params: downstream.image_size = {size}: the selected encoder {ckpt['meta']['cell']} has "
+            f"patch {patch}, which must divide it (sizes allowed: multiples of {patch})"
+        )
     return encoder, ckpt["meta"]["cell"]

@@ -1,9 +1,10 @@
 """What the four downstream arms (probe, finetune and their random-weight controls probe_random,
 scratch) share: the label budget, one repetition per downstream seed, the per-step curve, the
 MLflow run, and the outputs. Each arm supplies only how one repetition trains."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,8 +23,7 @@ def rounds(steps: int) -> tuple[int, int]:
     return n, steps // n
 
 
-def run(p: Params, arm: str, params: dict,
-        train_one: Callable[..., tuple[torch.nn.Module, dict, list[dict]]]) -> None:
+def run(p: Params, arm: str, params: dict, train_one: Callable[..., tuple[torch.nn.Module, dict, list[dict]]]) -> None:
     """Train `arm` once per downstream seed on that seed's label budget and write its outputs.
 
     `train_one(seed=, encoder=, num_classes=, x_train=, y_train=, x_val=, y_val=, device=, on_round=)` builds
@@ -34,8 +34,13 @@ def run(p: Params, arm: str, params: dict,
     seeds = p.downstream_seeds()
     x_val = engine.to_device(d["x_val"], device)
     y_val = engine.to_device(d["y_val"], device)
-    params = {"seed": p.seed, "device": p.device, "model.pool": p.model.pool,
-              **flatten(p.downstream, "downstream."), **params}
+    params = {
+        "seed": p.seed,
+        "device": p.device,
+        "model.pool": p.model.pool,
+        **flatten(p.downstream, "downstream."),
+        **params,
+    }
     with tracking.start(p.mlflow.experiment, arm, params, p.downstream_dataset, cell) as mlrun:
         per_seed, curves = [], []
         for k, seed in enumerate(seeds):
@@ -48,20 +53,31 @@ def run(p: Params, arm: str, params: dict,
 
             torch.manual_seed(seed)  # head (and, for the controls, encoder) initialisation
             clf, head, history = train_one(
-                seed=seed, encoder=encoder, num_classes=len(d["classes"]),
+                seed=seed,
+                encoder=encoder,
+                num_classes=len(d["classes"]),
                 x_train=engine.to_device(d["x_train"][chosen], device),
-                y_train=engine.to_device(d["y_train"][chosen], device), x_val=x_val, y_val=y_val,
-                device=device, on_round=on_round)
+                y_train=engine.to_device(d["y_train"][chosen], device),
+                x_val=x_val,
+                y_val=y_val,
+                device=device,
+                on_round=on_round,
+            )
             if not dist.is_main():
                 continue
-            checkpoint.save(arm_path(arm, k), checkpoint.classifier_payload(
-                clf, head, stage=arm, cell=cell, seed=seed, labels=len(chosen)))
+            checkpoint.save(
+                arm_path(arm, k),
+                checkpoint.classifier_payload(clf, head, stage=arm, cell=cell, seed=seed, labels=len(chosen)),
+            )
             per_seed.append({"seed": seed, "labels": int(len(chosen)), **history[-1]})
             curves.append(curve)
         if not dist.is_main():
             return
-        summary = {"labels_per_class": p.downstream.labels_per_class, "labels": per_seed[0]["labels"],
-                   "seeds": per_seed}
+        summary = {
+            "labels_per_class": p.downstream.labels_per_class,
+            "labels": per_seed[0]["labels"],
+            "seeds": per_seed,
+        }
         for name in ("val_acc", "val_loss"):
             summary[f"{name}_mean"], summary[f"{name}_sd"] = stats.mean_sd([r[name] for r in per_seed])
         mlrun.log_metrics({"val_acc_mean": summary["val_acc_mean"], "val_acc_sd": summary["val_acc_sd"]})
@@ -70,8 +86,12 @@ def run(p: Params, arm: str, params: dict,
         rows = []
         for i, point in enumerate(curves[0]):
             at = [c[i] for c in curves]
-            rows.append({"step": point["step"],
-                         **{name: float(np.mean([a[name] for a in at])) for name in point if name != "step"},
-                         **{f"val_acc_s{k}": a["val_acc"] for k, a in enumerate(at)}})
+            rows.append(
+                {
+                    "step": point["step"],
+                    **{name: float(np.mean([a[name] for a in at])) for name in point if name != "step"},
+                    **{f"val_acc_s{k}": a["val_acc"] for k, a in enumerate(at)},
+                }
+            )
         report.write_csv(rows, PLOTS / arm / "curve.csv")
         mlrun.log_artifact(PLOTS / arm / "curve.csv")

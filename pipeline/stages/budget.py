@@ -6,6 +6,7 @@ were made with the current data params (so the check is exact), and refuses the 
 stage starts. The `budget` stage checks again after `data` on the prepared split itself (a fresh
 clone, or changed data params), writing only a constant marker that `select`, the arms and
 `evaluate` depend on, so a budget too large never removes their outputs."""
+
 import json
 from pathlib import Path
 
@@ -17,8 +18,12 @@ from . import CLASS_COUNTS, DOWNSTREAM_DATA
 
 def data_key(p: Params) -> dict:
     """Everything the downstream training split depends on."""
-    return {"seed": p.seed, **flatten(p.data, "data."), "downstream.dataset": p.downstream_dataset,
-            "downstream.image_size": p.downstream_size}
+    return {
+        "seed": p.seed,
+        **flatten(p.data, "data."),
+        "downstream.dataset": p.downstream_dataset,
+        "downstream.image_size": p.downstream_size,
+    }
 
 
 def check_early(p: Params) -> None:

@@ -1,4 +1,5 @@
 """Stage `data`: obtain the pretraining and downstream datasets, verify them, write fixed splits."""
+
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,16 @@ from . import CLASS_COUNTS, DOWNSTREAM_DATA, PRETRAIN_DATA, budget
 
 
 def _prepare(p: Params, dataset: str, size: int) -> dict:
-    return data.prepare(dataset, size, p.data.val_fraction, p.seed, Path(p.data.raw_dir),
-                        p.data.verify_checksums, p.data.train_limit, p.data.test_limit)
+    return data.prepare(
+        dataset,
+        size,
+        p.data.val_fraction,
+        p.seed,
+        Path(p.data.raw_dir),
+        p.data.verify_checksums,
+        p.data.train_limit,
+        p.data.test_limit,
+    )
 
 
 def run(p: Params) -> None:
@@ -29,7 +38,13 @@ def run(p: Params) -> None:
             data.save_prepared(arrays["downstream"], DOWNSTREAM_DATA)
         down = arrays.get("downstream", arrays["pretrain"])
         counts = np.bincount(down["y_train"], minlength=len(down["classes"]))
-        report.write_json({"made_by": budget.data_key(p), "classes": [str(c) for c in down["classes"]],
-                           "train_per_class": counts.tolist()}, CLASS_COUNTS)
+        report.write_json(
+            {
+                "made_by": budget.data_key(p),
+                "classes": [str(c) for c in down["classes"]],
+                "train_per_class": counts.tolist(),
+            },
+            CLASS_COUNTS,
+        )
         for name, a in arrays.items():
             run.log_metrics({f"{name}_n_{split}": len(a[f"y_{split}"]) for split in ("train", "val", "test")})

@@ -4,6 +4,7 @@ one-vs-rest ROC-AUC, macro and micro AUC), a logistic regression on raw pixels w
 pretraining buy": the difference in accuracy with a 95 % bootstrap CI over test images and seeds,
 and McNemar's exact test per seed. Every per-image prediction is written out, so every number here
 can be recomputed from the repository."""
+
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
@@ -16,8 +17,13 @@ from . import DOWNSTREAM_DATA, IMAGES, METRICS, PLOTS, REPORTS, arm_path
 ARMS = ("finetune", "scratch", "probe", "probe_random")
 PIXELS = "pixels_logreg"
 # (pretrained, control): the differences the run exists to measure, then each against the floor.
-COMPARISONS = (("finetune", "scratch"), ("probe", "probe_random"), ("finetune", PIXELS), ("probe", PIXELS),
-               ("scratch", PIXELS))
+COMPARISONS = (
+    ("finetune", "scratch"),
+    ("probe", "probe_random"),
+    ("finetune", PIXELS),
+    ("probe", PIXELS),
+    ("scratch", PIXELS),
+)
 PREDICTION_IMAGES = 12
 # ROC curves go to DVC on one shared false-positive-rate grid (one column per class), denser
 # near zero where good classifiers do all their climbing.
@@ -38,9 +44,12 @@ def scores(y: np.ndarray, probs: np.ndarray, classes) -> tuple[dict, dict]:
     fpr, tpr, _ = roc_curve(onehot.ravel(), probs.ravel())
     micro = float(roc_auc_score(onehot, probs, average="micro"))
     curves["micro"] = (fpr, tpr, micro)
-    metrics = {"accuracy": float(accuracy_score(y, probs.argmax(1))),
-               "auc_macro": float(np.mean(list(per_class.values()))), "auc_micro": micro,
-               "auc_per_class": per_class}
+    metrics = {
+        "accuracy": float(accuracy_score(y, probs.argmax(1))),
+        "auc_macro": float(np.mean(list(per_class.values()))),
+        "auc_micro": micro,
+        "auc_per_class": per_class,
+    }
     return metrics, curves
 
 
@@ -79,8 +88,13 @@ def headline(summary: dict, cell: str) -> dict:
     out.update({arm: round(r["accuracy_mean"], 4) for arm, r in summary["arms"].items()})
     for name, short in (("finetune-scratch", "ft-scratch"), ("probe-probe_random", "probe-rand")):
         c = summary["comparisons"][name]
-        out.update({short: round(100 * c["diff"], 2), f"{short}_lo": round(100 * c["ci_low"], 2),
-                    f"{short}_hi": round(100 * c["ci_high"], 2)})
+        out.update(
+            {
+                short: round(100 * c["diff"], 2),
+                f"{short}_lo": round(100 * c["ci_low"], 2),
+                f"{short}_hi": round(100 * c["ci_high"], 2),
+            }
+        )
     return out
 
 
@@ -115,27 +129,47 @@ def run(p: Params) -> None:
         preds[arm] = np.stack([pr.argmax(1) for pr in runs])
     correct = {arm: preds[arm] == y_test[None] for arm in preds}
     comparisons = {f"{a}-{b}": compare(correct, a, b, p.seed) for a, b in COMPARISONS}
-    summary = {"test_images": int(len(y_test)), "labels_per_class": p.downstream.labels_per_class,
-               "labels": int(len(budgets[0])), "seeds": seeds, "arms": results, "comparisons": comparisons}
+    summary = {
+        "test_images": int(len(y_test)),
+        "labels_per_class": p.downstream.labels_per_class,
+        "labels": int(len(budgets[0])),
+        "seeds": seeds,
+        "arms": results,
+        "comparisons": comparisons,
+    }
 
-    params = {"seed": p.seed, "device": p.device, "downstream.dataset": p.downstream_dataset,
-              "downstream.image_size": p.downstream_size,
-              "downstream.labels_per_class": p.downstream.labels_per_class, "downstream.seeds": len(seeds)}
+    params = {
+        "seed": p.seed,
+        "device": p.device,
+        "downstream.dataset": p.downstream_dataset,
+        "downstream.image_size": p.downstream_size,
+        "downstream.labels_per_class": p.downstream.labels_per_class,
+        "downstream.seeds": len(seeds),
+    }
     with tracking.start(p.mlflow.experiment, "evaluate", params, p.downstream_dataset) as run:
         for arm in probs:
-            rows = [{"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in curves[arm].items()}}
-                    for f in FPR_GRID]
+            rows = [
+                {"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in curves[arm].items()}}
+                for f in FPR_GRID
+            ]
             report.write_csv(rows, PLOTS / "evaluate" / f"roc_{arm}.csv")
-            report.write_csv([{"actual": classes[a], "predicted": classes[b]} for a, b in zip(y_test, preds[arm][0])],
-                             PLOTS / "evaluate" / f"confusion_{arm}.csv")
+            report.write_csv(
+                [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(y_test, preds[arm][0])],
+                PLOTS / "evaluate" / f"confusion_{arm}.csv",
+            )
             r = results[arm]
             run.log_metrics({f"{arm}_{k}": v for k, v in r.items() if k.endswith(("_mean", "_sd"))})
         for name, c in comparisons.items():
             run.log_metrics({f"{name}_{k}": c[k] for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")})
         # Every repetition's prediction for every test image: the intervals can be recomputed from this.
-        table = [{"image": i, "label": int(y_test[i]),
-                  **{f"{arm}_s{k}": int(preds[arm][k, i]) for arm in preds for k in range(len(seeds))}}
-                 for i in range(len(y_test))]
+        table = [
+            {
+                "image": i,
+                "label": int(y_test[i]),
+                **{f"{arm}_s{k}": int(preds[arm][k, i]) for arm in preds for k in range(len(seeds))},
+            }
+            for i in range(len(y_test))
+        ]
         report.write_csv(table, PLOTS / "evaluate" / "predictions.csv")
         report.write_json(summary, METRICS / "evaluate.json")
         report.write_json(headline(summary, cell), METRICS / "summary.json")
@@ -143,9 +177,16 @@ def run(p: Params) -> None:
         report.roc_figure({a: curves[a] for a in ARMS}, IMAGES / "roc.png")
         cms = {arm: confusion_matrix(y_test, preds[arm][0], labels=list(range(len(classes)))) for arm in ARMS}
         report.confusion_figure(cms, classes, IMAGES / "confusion.png")
-        pick = np.random.default_rng(p.seed).choice(len(y_test), size=min(PREDICTION_IMAGES, len(y_test)), replace=False)
-        report.predictions_figure(d["x_test"][pick] / 255.0, y_test[pick], {a: preds[a][0][pick] for a in ARMS},
-                                  classes, IMAGES / "predictions.png")
+        pick = np.random.default_rng(p.seed).choice(
+            len(y_test), size=min(PREDICTION_IMAGES, len(y_test)), replace=False
+        )
+        report.predictions_figure(
+            d["x_test"][pick] / 255.0,
+            y_test[pick],
+            {a: preds[a][0][pick] for a in ARMS},
+            classes,
+            IMAGES / "predictions.png",
+        )
         for name in ("roc.png", "confusion.png", "predictions.png"):
             run.log_artifact(IMAGES / name)
         run.log_artifact(REPORTS / "evaluate.md")
@@ -154,15 +195,28 @@ def run(p: Params) -> None:
 
 def _write_report(summary: dict, p: Params, path) -> None:
     n, seeds = summary["test_images"], len(summary["seeds"])
-    arms = [{"arm": arm, "test accuracy (mean ± sd)": f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f}",
-             "macro AUC": f"{r['auc_macro_mean']:.4f} ± {r['auc_macro_sd']:.4f}",
-             "per seed": " / ".join(f"{s['accuracy']:.4f}" for s in r["seeds"])}
-            for arm, r in summary["arms"].items()]
-    comps = [{"comparison": name, "accuracy difference": f"{c['diff'] * 100:+.2f} points",
-              "95 % CI": f"[{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]",
-              "McNemar p per seed": " / ".join(f"{x:.2g}" for x in c["mcnemar_p"])}
-             for name, c in summary["comparisons"].items()]
+    arms = [
+        {
+            "arm": arm,
+            "test accuracy (mean ± sd)": f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f}",
+            "macro AUC": f"{r['auc_macro_mean']:.4f} ± {r['auc_macro_sd']:.4f}",
+            "per seed": " / ".join(f"{s['accuracy']:.4f}" for s in r["seeds"]),
+        }
+        for arm, r in summary["arms"].items()
+    ]
+    comps = [
+        {
+            "comparison": name,
+            "accuracy difference": f"{c['diff'] * 100:+.2f} points",
+            "95 % CI": f"[{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]",
+            "McNemar p per seed": " / ".join(f"{x:.2g}" for x in c["mcnemar_p"]),
+        }
+        for name, c in summary["comparisons"].items()
+    ]
     report.write_markdown_table(
-        arms, path, f"Test split of {p.downstream_dataset} ({n} images, {p.downstream_size}x{p.downstream_size}); "
-                    f"{summary['labels']} labels ({p.downstream.labels_per_class} per class), {seeds} seeds",
-        extra=[("Paired differences (bootstrap over test images and seeds)", comps)])
+        arms,
+        path,
+        f"Test split of {p.downstream_dataset} ({n} images, {p.downstream_size}x{p.downstream_size}); "
+        f"{summary['labels']} labels ({p.downstream.labels_per_class} per class), {seeds} seeds",
+        extra=[("Paired differences (bootstrap over test images and seeds)", comps)],
+    )

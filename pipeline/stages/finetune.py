@@ -4,6 +4,7 @@ label smoothing, drop path and a batched augmentation.
 
 `init: random` is the `scratch` control: the same architecture, head, recipe and steps from random
 weights, so the gap to `finetune` is what MAE pretraining bought."""
+
 import copy
 
 import torch
@@ -26,25 +27,47 @@ def run(p: Params, init: str = "pretrained") -> None:
     def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
         # Every repetition starts from the same pretrained weights (or fresh random ones).
         encoder = Encoder(encoder.cfg) if init == "random" else copy.deepcopy(encoder)
-        head = {"num_classes": num_classes, "head": ft.head, "pool": p.model.pool,
-                "mlp_hidden": ft.mlp_hidden}
+        head = {"num_classes": num_classes, "head": ft.head, "pool": p.model.pool, "mlp_hidden": ft.mlp_hidden}
         clf = Classifier(encoder, **head).to(device)
         clf.encoder.set_drop_path(ft.drop_path)
-        groups = (engine.layer_decay_groups(clf.encoder, lr_encoder, ft.weight_decay, ft.layer_decay)
-                  + engine.param_groups(clf.head, lr_head, ft.weight_decay))
+        groups = engine.layer_decay_groups(
+            clf.encoder, lr_encoder, ft.weight_decay, ft.layer_decay
+        ) + engine.param_groups(clf.head, lr_head, ft.weight_decay)
         optimizer = engine.make_optimizer(ft.optimizer, groups, device)
         net = engine.Compiled(engine.distribute(clf, device), engine.want_compile(p.compile, device), name)
         gen = torch.Generator(device=device).manual_seed(seed + 2)
         n_rounds, per_round = arm.rounds(ft.steps)
         history = engine.fit_classifier(
-            stage=name, module=clf, forward=lambda u8: net(augment(engine.as_float(u8), ft.augment, gen)),
-            eval_forward=lambda u8: clf(engine.as_float(u8)), compiled=net, optimizer=optimizer,
-            x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, epochs=n_rounds,
-            steps_per_epoch=per_round, batch_size=ft.batch_size, warmup_epochs=ft.warmup_steps / per_round,
-            device=device, seed=seed, label_smoothing=ft.label_smoothing,
-            on_epoch=lambda r, m: on_round(r * per_round, {k: m[k] for k in KEEP}))
+            stage=name,
+            module=clf,
+            forward=lambda u8: net(augment(engine.as_float(u8), ft.augment, gen)),
+            eval_forward=lambda u8: clf(engine.as_float(u8)),
+            compiled=net,
+            optimizer=optimizer,
+            x_train=x_train,
+            y_train=y_train,
+            x_val=x_val,
+            y_val=y_val,
+            epochs=n_rounds,
+            steps_per_epoch=per_round,
+            batch_size=ft.batch_size,
+            warmup_epochs=ft.warmup_steps / per_round,
+            device=device,
+            seed=seed,
+            label_smoothing=ft.label_smoothing,
+            on_epoch=lambda r, m: on_round(r * per_round, {k: m[k] for k in KEEP}),
+        )
         return clf, head, [{k: h[k] for k in KEEP} for h in history]
 
-    arm.run(p, name, {"init": init, "compile": p.compile, **flatten(ft, "finetune."),
-                                  "finetune.lr_encoder_scaled": lr_encoder, "finetune.lr_head_scaled": lr_head},
-            train_one)
+    arm.run(
+        p,
+        name,
+        {
+            "init": init,
+            "compile": p.compile,
+            **flatten(ft, "finetune."),
+            "finetune.lr_encoder_scaled": lr_encoder,
+            "finetune.lr_head_scaled": lr_head,
+        },
+        train_one,
+    )

@@ -1,4 +1,5 @@
 """Stage `pretrain@<patch>-<mask>`: one MAE for one grid cell."""
+
 import time
 
 import torch
@@ -15,41 +16,75 @@ FIGURE_IMAGES = 8
 
 def vit_config(p: Params, patch: int, channels: int, mean, std) -> ViTConfig:
     m = p.model
-    return ViTConfig(p.data.image_size, channels, patch, m.dim, m.depth, m.heads, m.mlp_ratio,
-                     tuple(float(x) for x in mean), tuple(float(x) for x in std))
+    return ViTConfig(
+        p.data.image_size,
+        channels,
+        patch,
+        m.dim,
+        m.depth,
+        m.heads,
+        m.mlp_ratio,
+        tuple(float(x) for x in mean),
+        tuple(float(x) for x in std),
+    )
 
 
 def run(p: Params, patch: int, mask_ratio: float) -> None:
     if patch not in p.grid.patch or mask_ratio not in p.grid.mask_ratio:
-        raise UserError(f"pretrain: cell patch={patch} mask_ratio={mask_ratio:g} is not in the grid "
-                        f"(grid.patch {list(p.grid.patch)}, grid.mask_ratio {list(p.grid.mask_ratio)})")
+        raise UserError(
+            f"pretrain: cell patch={patch} mask_ratio={mask_ratio:g} is not in the grid "
+            f"(grid.patch {list(p.grid.patch)}, grid.mask_ratio {list(p.grid.mask_ratio)})"
+        )
     check_cell(p, patch, mask_ratio)
     cell = cell_name(patch, mask_ratio)
     device = engine.setup(p.device, p.seed)
     d = data.load_prepared(PRETRAIN_DATA)
     # The train split is already shuffled with the seed, so a prefix is a random subset.
-    x_train = engine.to_device(d["x_train"][:p.pretrain.train_limit], device)
-    x_val = engine.to_device(d["x_val"][:p.pretrain.val_limit], device)
+    x_train = engine.to_device(d["x_train"][: p.pretrain.train_limit], device)
+    x_val = engine.to_device(d["x_val"][: p.pretrain.val_limit], device)
     cfg = vit_config(p, patch, x_train.shape[1], d["mean"], d["std"])
     m, pt = p.model, p.pretrain
     decoder = {"decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "decoder_heads": m.decoder_heads}
     mae = MAE(cfg, mask_ratio, loss=pt.loss, **decoder).to(device)
-    params = {"seed": p.seed, "device": p.device, "compile": p.compile, "patch": patch, "mask_ratio": mask_ratio,
-              "mask_ratio_effective": effective_mask_ratio(cfg.num_patches, mask_ratio),
-              **flatten(p.data, "data."), **flatten(p.model, "model."), **flatten(pt, "pretrain."),
-              "pretrain.lr_scaled": engine.scaled_lr(pt.lr, pt.batch_size)}
+    params = {
+        "seed": p.seed,
+        "device": p.device,
+        "compile": p.compile,
+        "patch": patch,
+        "mask_ratio": mask_ratio,
+        "mask_ratio_effective": effective_mask_ratio(cfg.num_patches, mask_ratio),
+        **flatten(p.data, "data."),
+        **flatten(p.model, "model."),
+        **flatten(pt, "pretrain."),
+        "pretrain.lr_scaled": engine.scaled_lr(pt.lr, pt.batch_size),
+    }
     with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
         result = train_mae(p, mae, x_train, x_val, pt, f"pretrain {cell}", run, device)
         if result is None:
             return
-        metrics = {"patch": patch, "mask_ratio": mask_ratio,
-                   "mask_ratio_effective": params["mask_ratio_effective"], **result["final"]}
-        write_outputs(mae, result, metrics, x_val, p, cell, run, device,
-                      model_path=mae_path(cell), metrics_path=METRICS / "pretrain" / f"{cell}.json",
-                      curve_path=PLOTS / "pretrain" / f"{cell}.csv",
-                      recon_path=IMAGES / "recon" / f"{cell}.png",
-                      curve_figure=IMAGES / "pretrain_curve" / f"{cell}.png",
-                      phases=pt.phases, decoder=decoder)
+        metrics = {
+            "patch": patch,
+            "mask_ratio": mask_ratio,
+            "mask_ratio_effective": params["mask_ratio_effective"],
+            **result["final"],
+        }
+        write_outputs(
+            mae,
+            result,
+            metrics,
+            x_val,
+            p,
+            cell,
+            run,
+            device,
+            model_path=mae_path(cell),
+            metrics_path=METRICS / "pretrain" / f"{cell}.json",
+            curve_path=PLOTS / "pretrain" / f"{cell}.csv",
+            recon_path=IMAGES / "recon" / f"{cell}.png",
+            curve_figure=IMAGES / "pretrain_curve" / f"{cell}.png",
+            phases=pt.phases,
+            decoder=decoder,
+        )
 
 
 def effective_mask_ratio(num_patches: int, mask_ratio: float) -> float:
@@ -95,18 +130,31 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
 
     def on_epoch(epoch, metrics):
         phase = phase_of[epoch - 1]
-        curve.append({"epoch": epoch, "phase": phase,
-                      **{k: metrics.get(k) for k in ("train_loss", "val_loss", "val_mse")}})
+        curve.append(
+            {"epoch": epoch, "phase": phase, **{k: metrics.get(k) for k in ("train_loss", "val_loss", "val_mse")}}
+        )
         run.log_epoch(epoch, {**metrics, "phase": phase})
 
     def before_epoch(epoch):
         epoch_ops["ops"] = ops_of_epoch[epoch - 1]
 
     start = time.perf_counter()
-    history = engine.fit(stage=stage, model=mae, optimizer=optimizer, n_train=len(x_train),
-                         epochs=schedule.epochs, batch_size=schedule.batch_size,
-                         warmup_epochs=schedule.warmup_epochs, device=device, seed=p.seed, step=step,
-                         validate=validate, on_epoch=on_epoch, before_epoch=before_epoch, compiled=net)
+    history = engine.fit(
+        stage=stage,
+        model=mae,
+        optimizer=optimizer,
+        n_train=len(x_train),
+        epochs=schedule.epochs,
+        batch_size=schedule.batch_size,
+        warmup_epochs=schedule.warmup_epochs,
+        device=device,
+        seed=p.seed,
+        step=step,
+        validate=validate,
+        on_epoch=on_epoch,
+        before_epoch=before_epoch,
+        compiled=net,
+    )
     seconds = time.perf_counter() - start
     if not dist.is_main():
         return None
@@ -116,17 +164,37 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
     return {"final": {**final, "steps": steps}, "curve": curve}
 
 
-def write_outputs(mae: MAE, result: dict, metrics: dict, x_val, p: Params, name: str, run, device, *,
-                  model_path, metrics_path, curve_path, recon_path, curve_figure, phases, decoder) -> None:
+def write_outputs(
+    mae: MAE,
+    result: dict,
+    metrics: dict,
+    x_val,
+    p: Params,
+    name: str,
+    run,
+    device,
+    *,
+    model_path,
+    metrics_path,
+    curve_path,
+    recon_path,
+    curve_figure,
+    phases,
+    decoder,
+) -> None:
     """The files every MAE training leaves: checkpoint, metrics, curve, reconstructions, curve figure."""
-    score = (f"val MSE on masked pixels {metrics['val_mse']:.4f}" if metrics.get("val_mse") is not None
-             else f"val loss {metrics['val_loss']:.4f}")
+    score = (
+        f"val MSE on masked pixels {metrics['val_mse']:.4f}"
+        if metrics.get("val_mse") is not None
+        else f"val loss {metrics['val_loss']:.4f}"
+    )
     _reconstruction_figure(mae, x_val[:FIGURE_IMAGES], device, p.seed, f"MAE {name}: {score}", recon_path)
     checkpoint.save(model_path, checkpoint.mae_payload(mae, decoder=decoder, cell=name, metrics=metrics))
     report.write_json(metrics, metrics_path)
     report.write_csv(result["curve"], curve_path)
-    report.pretrain_curve_figure(result["curve"], [ph.describe() for ph in phases],
-                                 f"MAE {name}: loss per epoch", curve_figure)
+    report.pretrain_curve_figure(
+        result["curve"], [ph.describe() for ph in phases], f"MAE {name}: loss per epoch", curve_figure
+    )
     for path in (recon_path, curve_figure, curve_path):
         run.log_artifact(path)
 
@@ -144,5 +212,6 @@ def _reconstruction_figure(mae: MAE, images_u8, device, seed: int, title: str, p
     masked = unpatchify(target * (1 - mask) + 0.5 * mask, p, c)
     # Visible patches as given, hidden ones as reconstructed: what the encoder saw plus what it inferred.
     recon = unpatchify(target * (1 - mask) + pixels * mask, p, c)
-    report.reconstruction_figure(x.cpu().numpy(), masked.float().cpu().numpy(), recon.float().cpu().numpy(),
-                                 title, path)
+    report.reconstruction_figure(
+        x.cpu().numpy(), masked.float().cpu().numpy(), recon.float().cpu().numpy(), title, path
+    )

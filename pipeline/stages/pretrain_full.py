@@ -1,6 +1,7 @@
 """Stage `pretrain_full`: the selected grid cell, pretrained on from its grid weights on every
 unlabelled training image (`pretrain_full.*`), so the encoder that goes downstream gets the
 pretraining budget while the grid only screens cells cheaply."""
+
 from .. import checkpoint, data, engine, tracking
 from ..params import Params, flatten
 from . import ENCODER, IMAGES, METRICS, MODELS, PLOTS, PRETRAIN_DATA
@@ -14,21 +15,46 @@ def run(p: Params) -> None:
     cell = best["meta"]["cell"]
     d = data.load_prepared(PRETRAIN_DATA)
     pf = p.pretrain_full
-    x_train = engine.to_device(d["x_train"][:pf.train_limit], device)
-    x_val = engine.to_device(d["x_val"][:p.pretrain.val_limit], device)
-    params = {"seed": p.seed, "device": p.device, "compile": p.compile, "cell": cell,
-              "loss": mae.loss_kind, **flatten(pf, "pretrain_full."),
-              "pretrain_full.lr_scaled": engine.scaled_lr(pf.lr, pf.batch_size)}
+    x_train = engine.to_device(d["x_train"][: pf.train_limit], device)
+    x_val = engine.to_device(d["x_val"][: p.pretrain.val_limit], device)
+    params = {
+        "seed": p.seed,
+        "device": p.device,
+        "compile": p.compile,
+        "cell": cell,
+        "loss": mae.loss_kind,
+        **flatten(pf, "pretrain_full."),
+        "pretrain_full.lr_scaled": engine.scaled_lr(pf.lr, pf.batch_size),
+    }
     with tracking.start(p.mlflow.experiment, "pretrain_full", params, p.data.dataset, cell) as run:
         result = train_mae(p, mae, x_train, x_val, pf, f"pretrain_full {cell}", run, device)
         if result is None:
             return
         grid_steps = best["meta"]["metrics"].get("steps")
-        metrics = {"cell": cell, "patch": mae.cfg.patch, "mask_ratio": mae.mask_ratio,
-                   "mask_ratio_effective": effective_mask_ratio(mae.cfg.num_patches, mae.mask_ratio),
-                   "grid_steps": grid_steps, "grid_val_mse": best["meta"]["metrics"].get("val_mse"),
-                   "train_images": len(x_train), **result["final"]}
-        write_outputs(mae, result, metrics, x_val, p, cell, run, device, model_path=ENCODER,
-                      metrics_path=METRICS / "pretrain_full.json", curve_path=PLOTS / "pretrain_full" / "curve.csv",
-                      recon_path=IMAGES / "recon_full.png", curve_figure=IMAGES / "pretrain_full_curve.png",
-                      phases=pf.phases, decoder=best["decoder"])
+        metrics = {
+            "cell": cell,
+            "patch": mae.cfg.patch,
+            "mask_ratio": mae.mask_ratio,
+            "mask_ratio_effective": effective_mask_ratio(mae.cfg.num_patches, mae.mask_ratio),
+            "grid_steps": grid_steps,
+            "grid_val_mse": best["meta"]["metrics"].get("val_mse"),
+            "train_images": len(x_train),
+            **result["final"],
+        }
+        write_outputs(
+            mae,
+            result,
+            metrics,
+            x_val,
+            p,
+            cell,
+            run,
+            device,
+            model_path=ENCODER,
+            metrics_path=METRICS / "pretrain_full.json",
+            curve_path=PLOTS / "pretrain_full" / "curve.csv",
+            recon_path=IMAGES / "recon_full.png",
+            curve_figure=IMAGES / "pretrain_full_curve.png",
+            phases=pf.phases,
+            decoder=best["decoder"],
+        )

@@ -2,6 +2,7 @@
 seed, on that seed's label budget.
 
 `init: random` probes an untrained encoder of the same shape: the floor any pretraining must beat."""
+
 from .. import engine
 from ..model import Classifier, Encoder
 from ..params import Params, flatten
@@ -18,24 +19,35 @@ def run(p: Params, init: str = "pretrained") -> None:
     def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
         if init == "random":
             encoder = Encoder(encoder.cfg)
-        head = {"num_classes": num_classes, "head": pr.head, "pool": p.model.pool,
-                "mlp_hidden": pr.mlp_hidden}
+        head = {"num_classes": num_classes, "head": pr.head, "pool": p.model.pool, "mlp_hidden": pr.mlp_hidden}
         clf = Classifier(encoder, **head).to(device)
         clf.encoder.requires_grad_(False)
         clf.encoder.eval()
         # The encoder is frozen and inputs are not augmented, so its features are computed once and
         # the head trains on them: a step costs a matrix multiply, not a ViT forward pass. fp32, as
         # evaluate scores the test images.
-        feats = {s: engine.predict(clf.features, x, pr.batch_size, device)
-                 for s, x in (("train", x_train), ("val", x_val))}
+        feats = {
+            s: engine.predict(clf.features, x, pr.batch_size, device) for s, x in (("train", x_train), ("val", x_val))
+        }
         optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, lr, pr.weight_decay), device)
         n_rounds, per_round = arm.rounds(pr.steps)
         history = engine.fit_classifier(
-            stage=NAMES[init], module=clf.head, forward=engine.distribute(clf.head, device), optimizer=optimizer,
-            x_train=feats["train"], y_train=y_train, x_val=feats["val"], y_val=y_val, epochs=n_rounds,
-            steps_per_epoch=per_round, batch_size=pr.batch_size, warmup_epochs=pr.warmup_steps / per_round,
-            device=device, seed=seed,
-            on_epoch=lambda r, m: on_round(r * per_round, {k: m[k] for k in KEEP}))
+            stage=NAMES[init],
+            module=clf.head,
+            forward=engine.distribute(clf.head, device),
+            optimizer=optimizer,
+            x_train=feats["train"],
+            y_train=y_train,
+            x_val=feats["val"],
+            y_val=y_val,
+            epochs=n_rounds,
+            steps_per_epoch=per_round,
+            batch_size=pr.batch_size,
+            warmup_epochs=pr.warmup_steps / per_round,
+            device=device,
+            seed=seed,
+            on_epoch=lambda r, m: on_round(r * per_round, {k: m[k] for k in KEEP}),
+        )
         return clf, head, [{k: h[k] for k in KEEP} for h in history]
 
     arm.run(p, NAMES[init], {"init": init, **flatten(pr, "probe."), "probe.lr_scaled": lr}, train_one)

@@ -6,6 +6,7 @@ well its frozen features classify the budget's labelled images, cross-validated 
 (`knn_acc`: leave-one-out cosine k-NN; `probe_acc`: k-fold closed-form linear probe), so the choice
 uses no label beyond the budget. Beside them, the floors: a random encoder of every patch size and
 the raw pixels (projected to the encoder's width), scored the same way."""
+
 import numpy as np
 import torch
 
@@ -29,16 +30,24 @@ def _key(metric: str):
 
 
 def choose(rows: list[dict], metric: str, patch="auto", mask_ratio="auto") -> dict:
-    allowed = [r for r in rows if patch in ("auto", r["patch"]) and mask_ratio in ("auto", r["mask_ratio"])
-               and r.get(metric) is not None and r.get("fits", True)]
+    allowed = [
+        r
+        for r in rows
+        if patch in ("auto", r["patch"])
+        and mask_ratio in ("auto", r["mask_ratio"])
+        and r.get(metric) is not None
+        and r.get("fits", True)
+    ]
     if not allowed:
         raise UserError(f"select: no grid cell has a {metric} score under patch={patch}, mask_ratio={mask_ratio}")
     return min(allowed, key=_key(metric))
 
 
 def _scores(features: torch.Tensor, y: torch.Tensor, k: int, p: Params) -> dict:
-    return {"knn_acc": represent.knn_accuracy(features, y, features, y, k, k=p.select.knn_k, leave_one_out=True),
-            "probe_acc": represent.ridge_cv_accuracy(features, y, k, folds=p.select.folds)}
+    return {
+        "knn_acc": represent.knn_accuracy(features, y, features, y, k, k=p.select.knn_k, leave_one_out=True),
+        "probe_acc": represent.ridge_cv_accuracy(features, y, k, folds=p.select.folds),
+    }
 
 
 def run(p: Params) -> None:
@@ -49,12 +58,21 @@ def run(p: Params) -> None:
         if not path.is_file():
             raise UserError(f"select: {path} is missing; run `dvc repro` so that every grid cell is pretrained")
         m = report.read_json(path)
-        rows.append({"cell": cell, "patch": patch, "mask_ratio": mask,
-                     **{k: m.get(k) for k in ("mask_ratio_effective", "train_loss", "val_loss", "val_mse")}})
+        rows.append(
+            {
+                "cell": cell,
+                "patch": patch,
+                "mask_ratio": mask,
+                **{k: m.get(k) for k in ("mask_ratio_effective", "train_loss", "val_loss", "val_mse")},
+            }
+        )
     # Cells that hide the same number of patches are the same computation: say so, never silently.
     for r in rows:
-        twins = [o["cell"] for o in rows if o is not r and o["patch"] == r["patch"]
-                 and o["mask_ratio_effective"] == r["mask_ratio_effective"]]
+        twins = [
+            o["cell"]
+            for o in rows
+            if o is not r and o["patch"] == r["patch"] and o["mask_ratio_effective"] == r["mask_ratio_effective"]
+        ]
         r["same_as"] = ",".join(twins)
 
     device = engine.setup(p.device, p.seed)
@@ -68,8 +86,9 @@ def run(p: Params) -> None:
     x = engine.to_device(d["x_train"][chosen], device)
     y = engine.to_device(d["y_train"][chosen], device).long()
     k = len(d["classes"])
-    features = lambda enc: engine.predict(lambda im: pooled_features(enc.to(device).eval(), im, p.model.pool),
-                                          x, 256, device)
+    features = lambda enc: engine.predict(
+        lambda im: pooled_features(enc.to(device).eval(), im, p.model.pool), x, 256, device
+    )
     for r in rows:
         encoder = adapted_encoder(checkpoint.load(mae_path(r["cell"])), d)
         # A cell whose patch does not tile the downstream images cannot go downstream.
@@ -80,7 +99,9 @@ def run(p: Params) -> None:
         encoder = adapted_encoder(checkpoint.load(mae_path(cell_name(patch, p.grid.mask_ratio[0]))), d)
         if encoder is not None:
             torch.manual_seed(p.seed)
-            floors.append({"floor": f"random encoder, patch {patch}", **_scores(features(Encoder(encoder.cfg)), y, k, p)})
+            floors.append(
+                {"floor": f"random encoder, patch {patch}", **_scores(features(Encoder(encoder.cfg)), y, k, p)}
+            )
     pixels = represent.pca((x.float() / 255.0).flatten(1), p.model.dim)
     floors.append({"floor": f"raw pixels (PCA to {p.model.dim})", **_scores(pixels, y, k, p)})
 
@@ -100,39 +121,77 @@ def run(p: Params) -> None:
     best_by = {v: choose(rows, v)["cell"] for v in views}
     for r in rows:
         del r["fits"]
-    params = {"patch": p.patch, "mask_ratio": p.mask_ratio, "grid.patch": list(p.grid.patch),
-              "grid.mask_ratio": list(p.grid.mask_ratio), **flatten(p.select, "select."),
-              "downstream.labels_per_class": p.downstream.labels_per_class, "labels_used": len(chosen)}
+    params = {
+        "patch": p.patch,
+        "mask_ratio": p.mask_ratio,
+        "grid.patch": list(p.grid.patch),
+        "grid.mask_ratio": list(p.grid.mask_ratio),
+        **flatten(p.select, "select."),
+        "downstream.labels_per_class": p.downstream.labels_per_class,
+        "labels_used": len(chosen),
+    }
     with tracking.start(p.mlflow.experiment, "select", params, p.data.dataset, best["cell"]) as run:
         checkpoint.copy(mae_path(best["cell"]), MODELS / "best.pt")
         pins = f"patch={p.patch}, mask_ratio={p.mask_ratio}"
         chosen_at = (p.grid.patch.index(best["patch"]), p.grid.mask_ratio.index(best["mask_ratio"]))
         for view in views:
-            values = np.array([[next(r[view] for r in rows if r["patch"] == pa and r["mask_ratio"] == ma)
-                                for ma in p.grid.mask_ratio] for pa in p.grid.patch])
+            values = np.array(
+                [
+                    [
+                        next(r[view] for r in rows if r["patch"] == pa and r["mask_ratio"] == ma)
+                        for ma in p.grid.mask_ratio
+                    ]
+                    for pa in p.grid.patch
+                ]
+            )
             better = "higher" if view in HIGHER_IS_BETTER else "lower"
-            report.heatmap_figure(values, p.grid.patch, p.grid.mask_ratio, chosen_at,
-                                  f"{view} per cell ({better} is better; best {best_by[view]}); "
-                                  f"boxed: chosen {best['cell']} by {metric} [{pins}]",
-                                  IMAGES / "grid" / f"{view}.png", higher_is_better=view in HIGHER_IS_BETTER)
+            report.heatmap_figure(
+                values,
+                p.grid.patch,
+                p.grid.mask_ratio,
+                chosen_at,
+                f"{view} per cell ({better} is better; best {best_by[view]}); "
+                f"boxed: chosen {best['cell']} by {metric} [{pins}]",
+                IMAGES / "grid" / f"{view}.png",
+                higher_is_better=view in HIGHER_IS_BETTER,
+            )
         report.write_csv(rows, PLOTS / "select" / "grid.csv")
-        rho = ", ".join(f"{k.split('_vs_')[1]} " + ("undefined" if v is None else f"{v:+.3f}")
-                        for k, v in agreement.items())
-        twins = f"; {best['cell']} is the same cell as {best['same_as']} (same patches hidden)" if best["same_as"] else ""
+        rho = ", ".join(
+            f"{k.split('_vs_')[1]} " + ("undefined" if v is None else f"{v:+.3f}") for k, v in agreement.items()
+        )
+        twins = (
+            f"; {best['cell']} is the same cell as {best['same_as']} (same patches hidden)" if best["same_as"] else ""
+        )
         report.write_markdown_table(
-            rows, REPORTS / "grid.md",
+            rows,
+            REPORTS / "grid.md",
             f"MAE grid: chosen {best['cell']} by {metric} ({pins}){twins}; best by "
             + ", ".join(f"{v}: {c}" for v, c in best_by.items())
             + (f"; Spearman rank correlation of -val_mse with {rho}" if rho else "")
             + f". knn_acc / probe_acc: {len(chosen)} budget labels, cross-validated",
-            extra=[("Floors, scored on the same labels", floors)])
-        result = {"cell": best["cell"], "patch": best["patch"], "mask_ratio": best["mask_ratio"],
-                  "same_as": best["same_as"], "metric": metric, "value": best[metric], "best_by": best_by,
-                  "labels_used": int(len(chosen)), "floors": {f["floor"]: {k: f[k] for k in ("knn_acc", "probe_acc")}
-                                                           for f in floors}, **agreement}
+            extra=[("Floors, scored on the same labels", floors)],
+        )
+        result = {
+            "cell": best["cell"],
+            "patch": best["patch"],
+            "mask_ratio": best["mask_ratio"],
+            "same_as": best["same_as"],
+            "metric": metric,
+            "value": best[metric],
+            "best_by": best_by,
+            "labels_used": int(len(chosen)),
+            "floors": {f["floor"]: {k: f[k] for k in ("knn_acc", "probe_acc")} for f in floors},
+            **agreement,
+        }
         report.write_json(result, METRICS / "select.json")
-        run.log_metrics({metric: best[metric], "patch_chosen": best["patch"], "mask_ratio_chosen": best["mask_ratio"],
-                         **{k: v for k, v in agreement.items() if v is not None}})
+        run.log_metrics(
+            {
+                metric: best[metric],
+                "patch_chosen": best["patch"],
+                "mask_ratio_chosen": best["mask_ratio"],
+                **{k: v for k, v in agreement.items() if v is not None},
+            }
+        )
         for view in views:
             run.log_artifact(IMAGES / "grid" / f"{view}.png")
         run.log_artifact(REPORTS / "grid.md")

@@ -5,6 +5,7 @@ whether the label budget fits the last prepared split.
 Under DVC it writes a constant marker every other stage depends on: a valid edit rewrites the same
 bytes, so only the stages whose own params changed re-run, and an invalid one stops `dvc repro`
 before DVC removes any other stage's outputs."""
+
 from pathlib import Path
 
 from ..engine import resolve_device
