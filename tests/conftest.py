@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import gzip
 import os
+import pickle
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+
+from pipeline import data
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -32,6 +39,11 @@ def pytest_runtest_makereport(item, call):
         if not any(h in reason for h in HARDWARE_SKIPS):
             rep.outcome = "failed"
             rep.longrepr = f"skipped where CI requires it to run (MAEPIPE_NO_SKIPS=1): {reason}"
+
+
+# The tiny config's grid cells and the four downstream arms.
+CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
+DOWNSTREAM = ["probe", "probe_random", "finetune", "scratch"]
 
 
 def tiny_params(**overrides) -> dict:
@@ -125,3 +137,60 @@ def repro_copy(repro_template, tmp_path) -> Path:
     dst = tmp_path / "repo"
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+def mlflow_runs(repo):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("maepipe")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Data files in the exact on-disk formats the loaders read (MNIST-style IDX gz, CIFAR-10 pickles).
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_idx_dataset(folder: Path, n_train=60, n_test=20, seed=0) -> dict:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
+        "train_labels": np.arange(n_train) % 10,
+        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
+        "test_labels": np.arange(n_test) % 10,
+    }
+    for key, name in data.IDX_FILES.items():
+        write_idx(folder / name, arrays[key])
+    return arrays
+
+
+def write_cifar(folder: Path, per_batch=10, seed=0) -> dict:
+    """The python version's layout: pickled dicts with bytes keys, data as N x 3072 uint8 rows."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    batches = {}
+    for name in data.CIFAR_TRAIN + data.CIFAR_TEST:
+        d = {
+            b"batch_label": name.encode(),
+            b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"filenames": [f"img{i}.png".encode() for i in range(per_batch)],
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(d, f, protocol=2)
+        batches[name] = d
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in data.SPECS["cifar10"].classes]}, f, protocol=2)
+    return batches

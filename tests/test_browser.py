@@ -15,16 +15,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, ROOT, env, sh
+from conftest import BIN, CELLS, ROOT, env, free_port, sh
 
-CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
 TEMPLATE = ROOT / "web" / "plots-template.html"
 INSTALL = "`make browser-deps` (as root) installs what the browser tests need"
 # Root needs --no-sandbox; the rest keeps Chromium from calling out to Google's hosts (no network here).
@@ -117,16 +115,10 @@ def _screenshot(page, name: str, capsys) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _mlflow_ui(repo: Path):
     """`mlflow ui` on the repo's store, on a free port of 127.0.0.1; yields its URL once /health answers."""
-    port = _free_port()
+    port = free_port()
     log_path = repo.parent / "mlflow-ui.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(

@@ -2,57 +2,16 @@
 
 import gzip
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import cli, tiny_params, write_params
+from conftest import cli, tiny_params, write_cifar, write_idx, write_idx_dataset, write_params
 
 from pipeline import data
 from pipeline.errors import UserError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def write_idx_dataset(folder: Path, n_train=60, n_test=20, seed=0) -> dict:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_images": rng.integers(0, 256, (n_train, 28, 28)),
-        "train_labels": np.arange(n_train) % 10,
-        "test_images": rng.integers(0, 256, (n_test, 28, 28)),
-        "test_labels": np.arange(n_test) % 10,
-    }
-    for key, name in data.IDX_FILES.items():
-        write_idx(folder / name, arrays[key])
-    return arrays
-
-
-def write_cifar(folder: Path, per_batch=10, seed=0) -> dict:
-    """The python version's layout: pickled dicts with bytes keys, data as N x 3072 uint8 rows."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    batches = {}
-    for name in data.CIFAR_TRAIN + data.CIFAR_TEST:
-        d = {
-            b"batch_label": name.encode(),
-            b"labels": [int(x) for x in rng.integers(0, 10, per_batch)],
-            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            b"filenames": [f"img{i}.png".encode() for i in range(per_batch)],
-        }
-        with open(folder / name, "wb") as f:
-            pickle.dump(d, f, protocol=2)
-        batches[name] = d
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [c.encode() for c in data.SPECS["cifar10"].classes]}, f, protocol=2)
-    return batches
 
 
 def test_idx_roundtrip(tmp_path):

@@ -4,8 +4,7 @@ import json
 import sys
 
 import pytest
-from conftest import cli, make_repo, sh, tiny_params, write_params
-from test_pipeline_e2e import mlflow_runs
+from conftest import cli, make_repo, mlflow_runs, sh, tiny_params, write_params
 
 CELL = "p8-m0.75"
 

@@ -2,25 +2,13 @@
 `dvc plots diff`, and the MLflow store they leave behind. No mocks."""
 
 import json
-import socket
 import sys
 import time
 
 import pytest
 import torch
 import yaml
-from conftest import cli, make_repo, sh, tiny_params, write_params
-
-CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
-DOWNSTREAM = ["probe", "probe_random", "finetune", "scratch"]
-
-
-def mlflow_runs(repo):
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("maepipe")
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
+from conftest import CELLS, DOWNSTREAM, cli, free_port, make_repo, mlflow_runs, sh, tiny_params, write_params
 
 
 @pytest.fixture
@@ -306,14 +294,8 @@ def test_queued_experiment_logs_to_the_root_store(repro_copy):
     assert '"queued"' in show
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_tracking_server_is_one_clear_error(tiny_repo):
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     out = cli(tiny_repo, "data", MLFLOW_TRACKING_URI=uri)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]

@@ -8,9 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import cli, tiny_params, write_params
-
-CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
+from conftest import CELLS, cli, tiny_params, write_params
 
 
 def _stage(repo, *args, **overrides):

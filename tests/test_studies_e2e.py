@@ -6,9 +6,7 @@ import json
 
 import torch
 import yaml
-from conftest import cli, make_repo, sh, tiny_params, write_params
-from test_data import write_cifar
-from test_pipeline_e2e import mlflow_runs
+from conftest import cli, make_repo, mlflow_runs, sh, tiny_params, write_cifar, write_params
 
 
 def _curve(repo, cell):

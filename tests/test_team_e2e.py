@@ -7,8 +7,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cli, env, make_repo, sh, tiny_params, write_params
-from test_pipeline_e2e import DOWNSTREAM, mlflow_runs
+from conftest import DOWNSTREAM, ROOT, cli, env, make_repo, mlflow_runs, sh, tiny_params, write_params
 
 STAGES = sorted(["data", "pretrain", "select", "pretrain_full", "evaluate", *DOWNSTREAM])
 

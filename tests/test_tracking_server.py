@@ -12,13 +12,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import make_repo, sh, tiny_params
+from conftest import CELLS, DOWNSTREAM, make_repo, sh, tiny_params
 
 from pipeline import server
 from pipeline.errors import UserError
-
-CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
-DOWNSTREAM = ["probe", "probe_random", "finetune", "scratch"]
 
 
 def _missing() -> str | None:
