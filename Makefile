@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_DEB := /usr/share/datasets/fashion-mnist
 
-.PHONY: run test lint bench setup data-source mlflow-ui mlflow-server team-deps browser-deps compiler plots-html
+.PHONY: run test lint serve bench setup data-source mlflow-ui mlflow-server team-deps browser-deps compiler plots-html
 
 run: setup
 	dvc repro
@@ -43,6 +43,14 @@ data-source:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	    || echo "note: could not install dataset-fashion-mnist; the data stage will try torchvision's download"; \
 	fi
+
+# The registry's champion over HTTP on 127.0.0.1 (README "Serving the champion"); no environment
+# download: it runs in this venv. POST images to http://127.0.0.1:$(SERVE_PORT)/invocations.
+SERVE_PORT ?= 5002
+serve: setup
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} mlflow models serve \
+	  -m "models:/maepipe-$$(python -c 'from pipeline import params; print(params.load().downstream_dataset)')@champion" \
+	  --env-manager local -h 127.0.0.1 -p $(SERVE_PORT)
 
 mlflow-ui: setup
 	mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

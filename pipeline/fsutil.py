@@ -24,3 +24,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def md5(path: Path) -> str:
+    """The file's MD5, as DVC records it for a file in dvc.lock (or in a directory's manifest)."""
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

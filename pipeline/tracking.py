@@ -44,6 +44,18 @@ def git_commit(root: Path) -> str | None:
     return out.stdout.strip() or None
 
 
+def provenance() -> dict[str, str]:
+    """Where a result came from: the git commit (the baseline under `dvc exp run`) and the DVC
+    experiment's name when there is one."""
+    out = {}
+    commit = git_commit(repo_root())
+    if commit:
+        out["git_commit"] = commit
+    if os.environ.get("DVC_EXP_NAME"):
+        out["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    return out
+
+
 def _check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
@@ -92,10 +104,146 @@ class StageRun:
             with held():
                 self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
+    def log_classifier(self, name: str, path: Path, classes, example, tags: dict[str, str]):
+        """Checkpoint `path` as an MLflow pyfunc model of this run (`pipeline.serving`); its ModelInfo."""
+        if self._mlflow:
+            from .serving import log_classifier
+
+            with held():
+                return log_classifier(self._mlflow, name, path, list(classes), example, tags)
+        return None
+
+    def register_champion(self, registry_name: str, name: str, path: Path, classes, x_val, y_val, tags: dict):
+        """Log checkpoint `path` as a model of this run and register it (`serving.register_champion`)."""
+        if not self._mlflow:
+            return None
+        from .serving import register_champion
+
+        info = self.log_classifier(name, path, classes, x_val, tags)
+        with held():
+            return register_champion(self._mlflow, registry_name, info.model_uri, x_val, y_val, tags)
+
+    def log_dataset(self, path: Path, name: str, context: str) -> None:
+        """Record prepared file `path` as this run's input dataset; its digest is the file's MD5,
+        the same hash DVC keeps for it in dvc.lock, so a run points at exact data."""
+        if not self._mlflow:
+            return
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        from .fsutil import md5
+
+        dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=md5(path))
+        with held():
+            self._mlflow.log_input(dataset, context=context)
+
+    def summarise_parent(self, tags: dict[str, str], metrics: dict[str, float]) -> None:
+        """Show `tags` and `metrics` on this invocation's parent run (the runs table's one row)."""
+        parent = self.run.data.tags.get("mlflow.parentRunId") if self._mlflow else None
+        if parent:
+            client = self._mlflow.MlflowClient()
+            with held():
+                for k, v in tags.items():
+                    client.set_tag(parent, k, v)
+                for k, v in metrics.items():
+                    client.log_metric(parent, k, float(v))
+
+    def note_not_run(self, expected: dict[str, dict]) -> list[str]:
+        """Stages of this invocation that DVC did not run (restored from its run cache, or unchanged)
+        get a run under the parent anyway, tagged `dvc_not_run`, with the metrics of the outputs they
+        left; `expected` maps run names to those metrics. A filter by experiment then misses none."""
+        parent = self.run.data.tags.get("mlflow.parentRunId") if self._mlflow else None
+        if not parent:
+            return []
+        client, exp_id = self._mlflow.MlflowClient(), self.run.info.experiment_id
+        with held():
+            children = self._mlflow.search_runs(
+                [exp_id], f"tags.`mlflow.parentRunId` = '{parent}'", output_format="list"
+            )
+            grid = [r for r in children if r.data.tags.get(LEVEL) == "grid"]
+            if grid:
+                children += self._mlflow.search_runs(
+                    [exp_id], f"tags.`mlflow.parentRunId` = '{grid[0].info.run_id}'", output_format="list"
+                )
+            ran = {r.info.run_name for r in children}
+            missing = [name for name in expected if name not in ran]
+            for name in missing:
+                under = grid[0].info.run_id if grid and name.startswith("pretrain-") else parent
+                tags = {k: v for k, v in self.run.data.tags.items() if k in ("dataset", "git_commit", "dvc_exp")}
+                tags.update(
+                    {
+                        "stage": name.split("-")[0],
+                        "mlflow.parentRunId": under,
+                        "dvc_not_run": "outputs from an earlier run (DVC run cache or unchanged stage)",
+                    }
+                )
+                run = client.create_run(exp_id, run_name=name, tags=tags)
+                for k, v in expected[name].items():
+                    client.log_metric(run.info.run_id, k, float(v))
+                client.set_terminated(run.info.run_id, "FINISHED")
+        return missing
+
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self._mlflow:
             with held():
                 self._mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+# --- runs grouped per pipeline invocation --------------------------------------------------------
+# Every `dvc repro` / `dvc exp run` gets one parent run (named by the DVC experiment where there is
+# one); the grid cells sit under a `grid` run below it, every other stage directly below it. The
+# stages of one invocation are separate processes, so they find their parent by the DVC process
+# they run under (its pid and start time), recorded as the tag `maepipe.invocation`.
+SYSTEM_METRICS_INTERVAL = 2  # seconds
+LEVEL = "maepipe.level"  # "pipeline" or "grid" on the grouping runs; absent on stage runs
+INVOCATION = "maepipe.invocation"
+
+
+def invocation() -> str | None:
+    """The nearest `dvc` ancestor process as `<pid>-<start time>`; None outside DVC (a stage run by hand)."""
+    pid = os.getppid()
+    for _ in range(8):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        if any(Path(a.decode(errors="replace")).name == "dvc" for a in argv[:2]):
+            return f"{pid}-{fields[19]}"  # stat field 22: start time in clock ticks since boot
+        pid = int(fields[1])
+        if pid <= 1:
+            return None
+    return None
+
+
+def _grouping_run(mlflow, experiment: str, level: str, key: str, name: str, tags: dict, parent: str | None) -> str:
+    """The id of this invocation's `level` run, created (and marked finished) on first use."""
+    exp = mlflow.get_experiment_by_name(experiment)
+    found = mlflow.search_runs(
+        [exp.experiment_id], f"tags.`{INVOCATION}` = '{key}' AND tags.`{LEVEL}` = '{level}'", output_format="list"
+    )
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    run_tags = {
+        INVOCATION: key,
+        LEVEL: level,
+        **{k: v for k, v in tags.items() if k in ("dataset", "git_commit", "dvc_exp")},
+    }
+    if parent:
+        run_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(exp.experiment_id, run_name=name, tags=run_tags)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def _parent_of(mlflow, experiment: str, stage: str, tags: dict) -> str | None:
+    key = invocation()
+    if key is None:
+        return None
+    name = tags.get("dvc_exp") or f"dvc repro {tags.get('git_commit', '')[:7]}".strip()
+    top = _grouping_run(mlflow, experiment, "pipeline", key, name, tags, None)
+    return _grouping_run(mlflow, experiment, "grid", key, "grid", tags, top) if stage == "pretrain" else top
 
 
 @contextlib.contextmanager
@@ -121,19 +269,20 @@ def start(
         raise UserError(
             f"mlflow: cannot use tracking store {uri} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-    root = repo_root()
-    tags = {"stage": stage, "dataset": dataset}
+    tags = {"stage": stage, "dataset": dataset, **provenance()}
     if cell:
         tags["cell"] = cell
-    commit = git_commit(root)
-    if commit:
-        tags["git_commit"] = commit
-        tags["mlflow.source.git.commit"] = commit
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
+    if "git_commit" in tags:
+        tags["mlflow.source.git.commit"] = tags["git_commit"]
     name = f"{stage}-{cell}" if cell else stage
+    with _store_lock(uri), held():
+        parent = _parent_of(mlflow, experiment, stage, tags)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
     with held():
-        run = mlflow.start_run(run_name=name, tags=tags)
+        # CPU, memory (and GPU) use every few seconds, beside the training curves.
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
+        run = mlflow.start_run(run_name=name, tags=tags, log_system_metrics=True)
         mlflow.log_params({k: ("null" if v is None else v) for k, v in params.items()})
     try:
         yield StageRun(mlflow, run)

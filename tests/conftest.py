@@ -139,12 +139,22 @@ def repro_copy(repro_template, tmp_path) -> Path:
     return dst
 
 
-def mlflow_runs(repo):
+def mlflow_runs(repo, kind: str = "stages"):
+    """(client, runs) of the repo's store: the runs stages made ("stages"), the grouping runs
+    (one "pipeline" parent per invocation and its "grid"), the notes for stages DVC did not run
+    ("not_run"), or "all"."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("maepipe")
-    return client, client.search_runs([exp.experiment_id], max_results=1000)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    pick = {
+        "stages": lambda t: "maepipe.level" not in t and "dvc_not_run" not in t,
+        "grouping": lambda t: "maepipe.level" in t,
+        "not_run": lambda t: "dvc_not_run" in t,
+        "all": lambda t: True,
+    }[kind]
+    return client, [r for r in runs if pick(r.data.tags)]
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import BIN, CELLS, ROOT, env, free_port, sh
+from conftest import BIN, ROOT, env, free_port, sh
 
 TEMPLATE = ROOT / "web" / "plots-template.html"
 INSTALL = "`make browser-deps` (as root) installs what the browser tests need"
@@ -203,6 +203,7 @@ def test_mlflow_ui_lists_the_cells_and_draws_a_metric_chart(browser, built, caps
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{built / 'mlflow.db'}")
     exp = client.get_experiment_by_name("maepipe")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], max_results=1000)}
+    parent = next(r for r in runs.values() if r.data.tags.get("maepipe.level") == "pipeline")
     run = runs["pretrain-p4-m0.5"]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_mse")]
     assert len(steps) >= 2
@@ -215,15 +216,20 @@ def test_mlflow_ui_lists_the_cells_and_draws_a_metric_chart(browser, built, caps
             localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
             localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');""")
 
-        # The experiment page: every run of the store, the four pretrain cells among them.
+        # The experiment page: one row per pipeline invocation (the parent run), its stages nested
+        # under it rather than listed flat beside it.
         page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning")
-        for cell in CELLS:
-            page.get_by_role("link", name=f"pretrain-{cell}", exact=True).wait_for(timeout=90_000)
+        page.get_by_role("link", name=parent.info.run_name, exact=True).wait_for(timeout=90_000)
         links = page.eval_on_selector_all("a[href*='/runs/']", "els => els.map(e => e.innerText.trim())")
-        assert sorted(n for n in links if n.startswith("pretrain-")) == [f"pretrain-{c}" for c in CELLS], links
-        assert set(runs) <= set(links), sorted(set(runs) - set(links))
+        assert parent.info.run_name in links and not [n for n in links if n.startswith("pretrain-")], links
         assert "maepipe" in page.inner_text("body")
         _screenshot(page, "mlflow-experiment-runs.png", capsys)
+
+        # The registered model, with its champion alias.
+        page.goto(f"{url}/#/models/maepipe-digits")
+        page.get_by_text("champion").first.wait_for(timeout=90_000)
+        assert "Version 1" in page.inner_text("body")
+        _screenshot(page, "mlflow-registered-model.png", capsys)
 
         # One pretrain run's metric charts: the val_mse chart must have drawn its line, one vertex per epoch.
         page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}/model-metrics")

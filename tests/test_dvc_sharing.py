@@ -21,17 +21,22 @@ EXP_SHOW = [
 ]
 
 
-def test_models_are_fetched_by_name_from_a_clone(repro_template, tmp_path):
-    repo, _ = repro_template
+def test_models_are_fetched_by_name_from_a_clone(repro_copy, tmp_path):
+    """A version of each artifact is registered (GTO's git tags, as the README says), then fetched
+    by name from outside the repository."""
+    repo = repro_copy
     from pipeline import checkpoint
 
+    for name in ("mae-encoder", "finetuned-classifier"):
+        sh(["gto", "register", name], repo)
+    assert {"mae-encoder@v0.0.1", "finetuned-classifier@v0.0.1"} <= set(sh(["git", "tag"], repo).stdout.split())
     sh(["dvc", "artifacts", "get", str(repo), "mae-encoder", "-o", "encoder.pt"], tmp_path)
     assert (tmp_path / "encoder.pt").read_bytes() == (repo / "models" / "encoder.pt").read_bytes()
     assert (
         checkpoint.load(tmp_path / "encoder.pt")["meta"]["cell"]
         == json.loads((repo / "metrics" / "select.json").read_text())["cell"]
     )
-    sh(["dvc", "artifacts", "get", str(repo), "finetuned-classifier", "-o", "classifier"], tmp_path)
+    sh(["dvc", "artifacts", "get", str(repo), "finetuned-classifier", "--rev", "v0.0.1", "-o", "classifier"], tmp_path)
     assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["s0.pt", "s1.pt"]
     clf = checkpoint.build_classifier(checkpoint.load(tmp_path / "classifier" / "s0.pt"))
     assert clf.head.out_features == 10

@@ -197,6 +197,35 @@ def test_mlflow_store_has_one_run_per_stage(repro):
     assert [m.step for m in client.get_metric_history(ft.info.run_id, "val_acc_s1")] == list(range(2, 22, 2))
 
 
+def test_runs_are_grouped_under_one_parent_per_invocation(repro):
+    """One `dvc repro`: one parent run showing the selected cell and the summary, a `grid` run
+    holding the cells, every other stage directly under the parent; datasets and system metrics."""
+    from pipeline import fsutil
+
+    repo, _ = repro
+    client, groups = mlflow_runs(repo, "grouping")
+    top = [r for r in groups if r.data.tags["maepipe.level"] == "pipeline"]
+    grid = [r for r in groups if r.data.tags["maepipe.level"] == "grid"]
+    assert len(top) == 1 and len(grid) == 1 and grid[0].data.tags["mlflow.parentRunId"] == top[0].info.run_id
+    _, runs = mlflow_runs(repo)
+    for r in runs:
+        want = grid[0] if r.data.tags["stage"] == "pretrain" else top[0]
+        assert r.data.tags["mlflow.parentRunId"] == want.info.run_id, r.info.run_name
+    summary = json.loads((repo / "metrics" / "summary.json").read_text())
+    assert top[0].data.tags["selected_cell"] == summary["cell"]
+    assert top[0].data.metrics["finetune"] == pytest.approx(summary["finetune"])
+    assert top[0].data.metrics["ft-scratch_lo"] == pytest.approx(summary["ft-scratch_lo"])
+    assert not mlflow_runs(repo, "not_run")[1]  # every stage ran
+    data_run = next(r for r in runs if r.info.run_name == "data")
+    digests = {d.dataset.name: d.dataset.digest for d in data_run.inputs.dataset_inputs}
+    assert digests == {
+        "digits-pretrain": fsutil.md5(repo / "data" / "prepared" / "pretrain.npz"),
+        "digits-downstream": fsutil.md5(repo / "data" / "prepared" / "downstream.npz"),
+    }
+    ev = next(r for r in runs if r.info.run_name == "evaluate")
+    assert any(k.startswith("system/") for k in ev.data.metrics), sorted(ev.data.metrics)
+
+
 def test_pinning_a_cell_reruns_only_what_depends_on_it(repro_copy):
     repo = repro_copy
     auto = json.loads((repo / "metrics" / "select.json").read_text())
@@ -218,6 +247,20 @@ def test_pinning_a_cell_reruns_only_what_depends_on_it(repro_copy):
     _, runs = mlflow_runs(repo)
     tagged = sorted(r.data.tags["stage"] for r in runs if r.data.tags.get("dvc_exp") == "pinned")
     assert tagged == sorted(["evaluate", "select", "pretrain_full", *DOWNSTREAM])
+    # One parent named by the experiment; the stages DVC did not run are there too, marked so.
+    _, groups = mlflow_runs(repo, "grouping")
+    parent = [
+        r for r in groups if r.data.tags.get("dvc_exp") == "pinned" and r.data.tags["maepipe.level"] == "pipeline"
+    ]
+    assert [r.info.run_name for r in parent] == ["pinned"]
+    _, notes = mlflow_runs(repo, "not_run")
+    assert sorted(r.info.run_name for r in notes if r.data.tags.get("dvc_exp") == "pinned") == sorted(
+        ["data", *(f"pretrain-{c}" for c in CELLS)]
+    )
+    cell_note = next(r for r in notes if r.info.run_name == "pretrain-p4-m0.5")
+    assert cell_note.data.metrics["val_mse"] == pytest.approx(
+        json.loads((repo / "metrics" / "pretrain" / "p4-m0.5.json").read_text())["val_mse"]
+    )
     # Pinning a patch size that is not in the grid is one clear error.
     bad = sh(["dvc", "exp", "run", "-S", "patch=2"], repo, check=False)
     assert bad.returncode != 0 and "patch = 2: not in grid.patch [4, 8]" in bad.stdout + bad.stderr

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, engine, report, stats, tracking
+from .. import checkpoint, data, dist, engine, fsutil, report, stats, tracking
 from ..params import Params, flatten
 from . import DOWNSTREAM_DATA, METRICS, PLOTS, arm_path, downstream_encoder
 
@@ -42,6 +42,7 @@ def run(p: Params, arm: str, params: dict, train_one: Callable[..., tuple[torch.
         **params,
     }
     with tracking.start(p.mlflow.experiment, arm, params, p.downstream_dataset, cell) as mlrun:
+        mlrun.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "training")
         per_seed, curves = [], []
         for k, seed in enumerate(seeds):
             chosen = data.label_budget(d["y_train"], p.downstream.labels_per_class, seed, d["classes"])
@@ -68,6 +69,14 @@ def run(p: Params, arm: str, params: dict, train_one: Callable[..., tuple[torch.
             checkpoint.save(
                 arm_path(arm, k),
                 checkpoint.classifier_payload(clf, head, stage=arm, cell=cell, seed=seed, labels=len(chosen)),
+            )
+            # The same classifier as an MLflow model: loadable and servable without this repo.
+            mlrun.log_classifier(
+                f"{arm}-s{k}",
+                arm_path(arm, k),
+                [str(c) for c in d["classes"]],
+                d["x_val"][:2],
+                {"arm": arm, "seed": str(seed), "cell": cell, "checkpoint_md5": fsutil.md5(arm_path(arm, k))},
             )
             per_seed.append({"seed": seed, "labels": int(len(chosen)), **history[-1]})
             curves.append(curve)

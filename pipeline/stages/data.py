@@ -36,6 +36,8 @@ def run(p: Params) -> None:
             write_bytes(DOWNSTREAM_DATA, PRETRAIN_DATA.read_bytes())
         else:
             data.save_prepared(arrays["downstream"], DOWNSTREAM_DATA)
+        run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "prepared")
+        run.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "prepared")
         down = arrays.get("downstream", arrays["pretrain"])
         counts = np.bincount(down["y_train"], minlength=len(down["classes"]))
         report.write_json(

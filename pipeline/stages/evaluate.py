@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from .. import checkpoint, data, engine, report, stats, tracking
+from .. import checkpoint, data, engine, fsutil, report, stats, tracking
 from ..params import Params
 from . import DOWNSTREAM_DATA, IMAGES, METRICS, PLOTS, REPORTS, arm_path
 
@@ -25,6 +25,8 @@ COMPARISONS = (
     ("scratch", PIXELS),
 )
 PREDICTION_IMAGES = 12
+# The classifiers that may become the registered model: never a control. Chosen on val, not test.
+CANDIDATES = ("finetune", "probe")
 # ROC curves go to DVC on one shared false-positive-rate grid (one column per class), denser
 # near zero where good classifiers do all their climbing.
 FPR_GRID = np.unique(np.concatenate([np.linspace(0, 1, 101), np.logspace(-4, -1, 31)]))
@@ -107,6 +109,8 @@ def run(p: Params) -> None:
     seeds = p.downstream_seeds()
     # Load and score every checkpoint before writing anything: a missing one leaves no half report.
     probs = {arm: [] for arm in (*ARMS, PIXELS)}
+    x_val = engine.to_device(d["x_val"], device)
+    val_acc = {}  # (arm, repetition) -> val accuracy: how the registry's candidate is chosen
     for arm in ARMS:
         for k in range(len(seeds)):
             ckpt = checkpoint.load(arm_path(arm, k))
@@ -114,6 +118,9 @@ def run(p: Params) -> None:
             clf = checkpoint.build_classifier(ckpt).to(device).eval()
             logits = engine.predict(clf, x_test, 512, device)
             probs[arm].append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64))
+            if arm in CANDIDATES:
+                val_pred = engine.predict(clf, x_val, 512, device).argmax(1).cpu().numpy()
+                val_acc[arm, k] = float((val_pred == d["y_val"]).mean())
     budgets = [data.label_budget(d["y_train"], p.downstream.labels_per_class, s, d["classes"]) for s in seeds]
     probs[PIXELS] = [pixel_floor(d, chosen, s) for chosen, s in zip(budgets, seeds)]
 
@@ -147,6 +154,7 @@ def run(p: Params) -> None:
         "downstream.seeds": len(seeds),
     }
     with tracking.start(p.mlflow.experiment, "evaluate", params, p.downstream_dataset) as run:
+        run.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "evaluation")
         for arm in probs:
             rows = [
                 {"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in curves[arm].items()}}
@@ -191,6 +199,62 @@ def run(p: Params) -> None:
             run.log_artifact(IMAGES / name)
         run.log_artifact(REPORTS / "evaluate.md")
         run.log_artifact(PLOTS / "evaluate" / "predictions.csv")
+        _register(run, p, d, cell, seeds, val_acc)
+        headline_numbers = {k: v for k, v in headline(summary, cell).items() if isinstance(v, float)}
+        run.summarise_parent(
+            {"selected_cell": cell, "labels_per_class": str(p.downstream.labels_per_class)}, headline_numbers
+        )
+        run.note_not_run(_stage_runs(p, cell))
+
+
+def _stage_runs(p: Params, cell: str) -> dict[str, dict]:
+    """Every MLflow stage run one invocation of the pipeline makes, by name, with the numbers of
+    the metrics file its stage leaves (so a stage DVC did not run still shows what it stands for)."""
+    from ..params import cell_name
+
+    def numbers(rel: str) -> dict:
+        path = METRICS / rel
+        raw = report.read_json(path) if path.is_file() else {}
+        return {k: v for k, v in raw.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    runs = {"data": {}}
+    runs.update({f"pretrain-{c}": numbers(f"pretrain/{c}.json") for c in (cell_name(*pm) for pm in p.cells())})
+    runs[f"select-{cell}"] = numbers("select.json")
+    runs[f"pretrain_full-{cell}"] = numbers("pretrain_full.json")
+    runs.update({f"{arm}-{cell}": numbers(f"{arm}.json") for arm in ARMS})
+    return runs
+
+
+def _register(run, p: Params, d: dict, cell: str, seeds: list[int], val_acc: dict) -> None:
+    """The best candidate on val becomes a version of `maepipe-<dataset>`, and the champion when
+    it beats the current one on this val split. Nothing here is written to the repository: the
+    registry's state depends on the store's history, not only on this run."""
+    arm, k = max(val_acc, key=lambda ak: (val_acc[ak], ak[0] == "finetune", -ak[1]))
+    path = arm_path(arm, k)
+    tags = {
+        "arm": arm,
+        "seed": str(seeds[k]),
+        "cell": cell,
+        "labels_per_class": str(p.downstream.labels_per_class),
+        "checkpoint": str(path),
+        "checkpoint_md5": fsutil.md5(path),
+        **tracking.provenance(),
+    }
+    outcome = run.register_champion(
+        f"maepipe-{p.downstream_dataset}",
+        f"{arm}-s{k}",
+        path,
+        [str(c) for c in d["classes"]],
+        d["x_val"],
+        d["y_val"],
+        tags,
+    )
+    if outcome:
+        verdict = "now the champion" if outcome["promoted"] else f"champion stays version {outcome['champion_version']}"
+        print(
+            f"registered maepipe-{p.downstream_dataset} version {outcome['version']} ({arm} seed {seeds[k]}, "
+            f"val acc {outcome['val_acc']:.4f}): {verdict}"
+        )
 
 
 def _write_report(summary: dict, p: Params, path) -> None:

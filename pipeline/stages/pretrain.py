@@ -59,6 +59,7 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
         "pretrain.lr_scaled": engine.scaled_lr(pt.lr, pt.batch_size),
     }
     with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
+        run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")
         result = train_mae(p, mae, x_train, x_val, pt, f"pretrain {cell}", run, device)
         if result is None:
             return

@@ -27,6 +27,7 @@ def run(p: Params) -> None:
         "pretrain_full.lr_scaled": engine.scaled_lr(pf.lr, pf.batch_size),
     }
     with tracking.start(p.mlflow.experiment, "pretrain_full", params, p.data.dataset, cell) as run:
+        run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")
         result = train_mae(p, mae, x_train, x_val, pf, f"pretrain_full {cell}", run, device)
         if result is None:
             return
