@@ -16,8 +16,8 @@ EXP_SHOW = [
     "--drop",
     ".*",
     "--keep",
-    r"Experiment|Created|^patch$|^mask_ratio$|labels_per_class|^cell$|^finetune$|^scratch$|^probe$"
-    r"|^probe_random$|^pixels_logreg$|^ft-scratch|^probe-rand",
+    "(Experiment|Created|encoder|budget|finetune|scratch|probe|probe_random|pixels|ft-scratch|ft-scratch_ci"
+    "|probe-rand|probe-rand_ci)$",
 ]
 
 
@@ -39,15 +39,18 @@ def test_models_are_fetched_by_name_from_a_clone(repro_copy, tmp_path):
     sh(["dvc", "artifacts", "get", str(repo), "finetuned-classifier", "--rev", "v0.0.1", "-o", "classifier"], tmp_path)
     assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["s0.pt", "s1.pt"]
     clf = checkpoint.build_classifier(checkpoint.load(tmp_path / "classifier" / "s0.pt"))
-    assert clf.head.out_features == 10
+    assert clf.head[-1].out_features == 10
 
 
 def test_grid_split_across_two_machines_trains_no_cell_again(tmp_path):
-    """Machines a and b each train half the grid and push outputs and run cache to one folder
-    remote; a third clone pulls the run cache and `dvc repro` restores every cell instead of training it."""
+    """Machines a and b each train half the grid, push the models and the run cache to one folder
+    remote and their small outputs (metrics, curves, figures: `cache: false`, so git's) to a branch;
+    a third clone merges both branches and `dvc repro --pull` restores every cell instead of
+    training it. This is the README's recipe, step by step."""
     origin = make_repo(tmp_path / "origin", tiny_params())
     sh(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], origin)
     sh(["git", "commit", "-qam", "a shared DVC remote"], origin)
+    sh(["git", "config", "receive.denyCurrentBranch", "ignore"], origin)
     trained = {}
     for machine, stages in CELLS.items():
         clone = tmp_path / machine
@@ -55,13 +58,16 @@ def test_grid_split_across_two_machines_trains_no_cell_again(tmp_path):
         out = sh(["dvc", "repro", *stages], clone).stdout
         assert sorted(re.findall(r"Running stage '(pretrain@[^']+)'", out)) == sorted(stages)
         sh(["dvc", "push", "--run-cache"], clone)
+        sh(["git", "add", "metrics", "plots"], clone)
+        sh(["git", "commit", "-qm", f"grid cells of machine {machine}"], clone)
+        sh(["git", "push", "-q", "origin", f"HEAD:cells-{machine}"], clone)
         for stage in stages:
             cell = "p" + stage.split("@")[1].replace("-", "-m")
             trained[cell] = (clone / "metrics" / "pretrain" / f"{cell}.json").read_text()
     third = tmp_path / "c"
     sh(["git", "clone", "-q", str(origin), str(third)], tmp_path)
-    sh(["dvc", "pull", "--run-cache"], third)
-    out = sh(["dvc", "repro"], third).stdout
+    sh(["git", "pull", "-q", "--no-edit", "origin", "cells-a", "cells-b"], third)
+    out = sh(["dvc", "repro", "--pull"], third).stdout
     assert not re.findall(r"Running stage 'pretrain@", out), out
     for stage in (*CELLS["a"], *CELLS["b"]):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
@@ -78,8 +84,8 @@ def test_the_documented_exp_show_line_fits_200_columns(repro_copy):
     out = sh(EXP_SHOW, repo, COLUMNS="1000").stdout
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= 200, out
-    assert "fewer-labels" in out and "ft-scratch" in out and "labels_per_class" in out
-    # The summary is what this line keeps: every column of metrics/summary.json.
+    assert "fewer-labels" in out and "ft-scratch_ci" in out and "budget" in out
+    # What this line keeps: every column of metrics/summary.json, and a fifth of all columns at most.
     summary = json.loads((repo / "metrics" / "summary.json").read_text())
     kept = sh([*EXP_SHOW, "--csv"], repo).stdout.splitlines()[0].split(",")
     assert set(summary) <= set(kept) and len(kept) < len(full) / 5, (kept, len(full))

@@ -44,6 +44,7 @@ def test_every_arm_logs_its_classifiers_as_models(repro_template):
 
     repo, _ = repro_template
     client, runs = mlflow_runs(repo)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     for arm in ("probe", "probe_random", "finetune", "scratch"):
         run = next(r for r in runs if r.data.tags["stage"] == arm)
         models = mlflow.search_logged_models(

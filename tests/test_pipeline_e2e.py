@@ -212,9 +212,9 @@ def test_runs_are_grouped_under_one_parent_per_invocation(repro):
         want = grid[0] if r.data.tags["stage"] == "pretrain" else top[0]
         assert r.data.tags["mlflow.parentRunId"] == want.info.run_id, r.info.run_name
     summary = json.loads((repo / "metrics" / "summary.json").read_text())
-    assert top[0].data.tags["selected_cell"] == summary["cell"]
+    assert top[0].data.tags["encoder"] == summary["encoder"] and top[0].data.tags["budget"] == "20"
     assert top[0].data.metrics["finetune"] == pytest.approx(summary["finetune"])
-    assert top[0].data.metrics["ft-scratch_lo"] == pytest.approx(summary["ft-scratch_lo"])
+    assert top[0].data.tags["ft-scratch_ci"] == summary["ft-scratch_ci"]
     assert not mlflow_runs(repo, "not_run")[1]  # every stage ran
     data_run = next(r for r in runs if r.info.run_name == "data")
     digests = {d.dataset.name: d.dataset.digest for d in data_run.inputs.dataset_inputs}

@@ -192,7 +192,7 @@ def run(p: Params) -> None:
                 **{k: v for k, v in agreement.items() if v is not None},
             }
         )
-        run.summarise_parent({"selected_cell": best["cell"], "select.metric": metric}, {})
+        run.summarise_parent({"encoder": best["cell"], "select.metric": metric}, {})
         for view in views:
             run.log_artifact(IMAGES / "grid" / f"{view}.png")
         run.log_artifact(REPORTS / "grid.md")
