@@ -20,10 +20,6 @@ from . import dist
 from .errors import UserError
 from .signals import held
 
-# Fail fast instead of retrying a dead server for minutes.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-
 
 def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
@@ -255,6 +251,9 @@ def start(
         return
     uri = tracking_uri()
     _check_reachable(uri)
+    # Fail fast instead of retrying a dead server for minutes (read by MLflow's HTTP client).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
     mlflow.set_tracking_uri(uri)

@@ -5,10 +5,14 @@
   grid-screen scores (val_mse, knn_acc, probe_acc) are set beside its fine-tuned and probed val
   accuracy;
 - which feature the probe and fine-tune read: the mean of the patch tokens (default) or the CLS
-  token (`pool-cls`: `-S model.pool=cls`, with the default's cell pinned so the encoder is the same).
+  token (`pool-cls`: `-S model.pool=cls`, with the default's cell pinned so the encoder is the same);
+- whether layer-wise lr decay (0.75, MAE's fine-tuning recipe, applied to `scratch` too so the
+  comparison stays fair) holds `scratch` back: `no-layer-decay` (`-S finetune.layer_decay=1.0`,
+  the same encoder) trains both without it.
 
     dvc exp run --queue -n cell-p7-m0.3 -S mask_ratio=0.3   # likewise 0.5 and 0.9 (0.7 = default)
     dvc exp run --queue -n pool-cls -S mask_ratio=0.7 -S model.pool=cls
+    dvc exp run --queue -n no-layer-decay -S mask_ratio=0.7 -S finetune.layer_decay=1.0
     dvc queue start
     python studies/design_choices.py                        # reports/design_choices.{md,json}
 """
@@ -25,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import report  # noqa: E402
 
+LAYER_DECAY_EXP = "no-layer-decay"
 CELL_EXPS = ("cell-p7-m0.3", "cell-p7-m0.5", "cell-p7-m0.9")
 POOL_EXP = "pool-cls"
 
@@ -76,6 +81,15 @@ def _criterion_study() -> tuple[list[dict], list[dict], str] | None:
     return cells, crit, best_ft
 
 
+def _layer_decay_study() -> list[dict] | None:
+    try:
+        rows = [dict(row(None), layer_decay=0.75), dict(row(LAYER_DECAY_EXP), layer_decay=1.0)]
+    except SystemExit:
+        return None
+    keep = ("finetune val_acc", "finetune val_sd", "scratch val_acc", "scratch val_sd")
+    return [{"layer_decay": r["layer_decay"], **{k: r[k] for k in keep}} for r in rows]
+
+
 def main() -> None:
     if len(sys.argv) > 1:
         raise SystemExit(__doc__)
@@ -99,6 +113,10 @@ def main() -> None:
             ("Patch-7 cells taken all the way (val accuracy, mean of 3 seeds)", cells),
             ("Which screen criterion picks the cell that fine-tunes best on val", crit),
         ]
+    decay = _layer_decay_study()
+    if decay is not None:
+        result["layer_decay"] = decay
+        extra.append(("Layer-wise lr decay in fine-tune and scratch (val accuracy, mean ± sd of 3 seeds)", decay))
     report.write_json(result, ROOT / "reports" / "design_choices.json")
     report.write_markdown_table(
         pool_rows,
