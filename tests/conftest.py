@@ -41,6 +41,15 @@ def pytest_runtest_makereport(item, call):
             rep.longrepr = f"skipped where CI requires it to run (MAEPIPE_NO_SKIPS=1): {reason}"
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same global torch random state, whichever tests ran before it
+    (the order is random; pytest-randomly reseeds `random` and numpy, not torch)."""
+    import torch
+
+    torch.manual_seed(0)
+
+
 # The tiny config's grid cells and the four downstream arms.
 CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
 DOWNSTREAM = ["probe", "probe_random", "finetune", "scratch"]
