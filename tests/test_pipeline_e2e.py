@@ -51,11 +51,11 @@ def test_select_scores_cells_on_the_budget_and_picks_by_its_metric(repro):
     sel = _json(repo, "metrics/select.json")
     grid = _csv(repo, "plots/select/grid.csv")
     assert [r["cell"] for r in grid] == CELLS
-    probe = {r["cell"]: float(r["probe_acc"]) for r in grid}
-    # Default select.metric is probe_acc: the highest, ties to the larger patch then the smaller ratio.
-    top = max(probe.values())
-    expected = sorted((c for c in CELLS if probe[c] == top), key=lambda c: (-int(c[1:].split("-")[0]), c))[0]
-    assert sel["metric"] == "probe_acc" and sel["cell"] == expected
+    score = {r["cell"]: float(r["knn_acc"]) for r in grid}
+    # Default select.metric is knn_acc: the highest, ties to the larger patch then the smaller ratio.
+    top = max(score.values())
+    expected = sorted((c for c in CELLS if score[c] == top), key=lambda c: (-int(c[1:].split("-")[0]), c))[0]
+    assert sel["metric"] == "knn_acc" and sel["cell"] == expected
     assert [r["cell"] for r in grid if r["chosen"] == "True"] == [expected]
     # Scored on the budget alone: 20 labels per class of the first downstream seed.
     assert sel["labels_used"] == 200
