@@ -1,20 +1,17 @@
-"""Two design choices of the default, measured on val (test is never read here):
+"""Three design choices of the default, measured on val (test is never read here):
 
 - which selection criterion picks the patch-7 cell that fine-tunes best: every patch-7 cell is
-  taken through `pretrain_full` and the four arms (`cell-p7-m<M>`: `-S mask_ratio=M`), and its
-  grid-screen scores (val_mse, knn_acc, probe_acc) are set beside its fine-tuned and probed val
-  accuracy;
+  taken through `pretrain_full` and the four arms (the default's own cell, and `cell-p7-m<M>`:
+  `-S mask_ratio=M` for the others), and its grid-screen scores (val_mse, knn_acc, probe_acc) are
+  set beside its fine-tuned and probed val accuracy;
 - which feature the probe and fine-tune read: the mean of the patch tokens (default) or the CLS
   token (`pool-cls`: `-S model.pool=cls`, with the default's cell pinned so the encoder is the same);
-- whether layer-wise lr decay (0.75, MAE's fine-tuning recipe, applied to `scratch` too so the
-  comparison stays fair) holds `scratch` back: `no-layer-decay` (`-S finetune.layer_decay=1.0`,
-  the same encoder) trains both without it.
+- whether layer-wise lr decay (MAE's fine-tuning recipe, 0.75; applied to `scratch` too so the
+  comparison stays fair) helps at this scale: `layer-decay-0.75` (`-S finetune.layer_decay=0.75`,
+  the same encoder) against the default's 1.0 (no decay).
 
-    dvc exp run --queue -n cell-p7-m0.3 -S mask_ratio=0.3   # likewise 0.5 and 0.9 (0.7 = default)
-    dvc exp run --queue -n pool-cls -S mask_ratio=0.7 -S model.pool=cls
-    dvc exp run --queue -n no-layer-decay -S mask_ratio=0.7 -S finetune.layer_decay=1.0
-    dvc queue start
-    python studies/design_choices.py                        # reports/design_choices.{md,json}
+    python studies/design_choices.py run      # queue and run the experiments (about 40 min on 2 cores)
+    python studies/design_choices.py report   # reports/design_choices.{md,json}
 """
 
 from __future__ import annotations
@@ -29,9 +26,35 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import report  # noqa: E402
 
-LAYER_DECAY_EXP = "no-layer-decay"
-CELL_EXPS = ("cell-p7-m0.3", "cell-p7-m0.5", "cell-p7-m0.9")
+LAYER_DECAY_EXP, LAYER_DECAY = "layer-decay-0.75", 0.75
 POOL_EXP = "pool-cls"
+PATCH = 7
+
+
+def _default_cell() -> dict:
+    return json.loads((ROOT / "metrics" / "select.json").read_text())
+
+
+def _cell_exps() -> dict[str, float]:
+    """The patch-7 cells other than the default's, by experiment name."""
+    import yaml
+
+    ratios = yaml.safe_load((ROOT / "params.yaml").read_text())["grid"]["mask_ratio"]
+    chosen = _default_cell()
+    return {f"cell-p{PATCH}-m{r}": r for r in ratios if (PATCH, r) != (chosen["patch"], chosen["mask_ratio"])}
+
+
+def run() -> None:
+    """Queue every experiment of the three studies and run them one at a time (2 cores)."""
+    import subprocess
+
+    chosen = _default_cell()
+    pin = ["-S", f"patch={chosen['patch']}", "-S", f"mask_ratio={chosen['mask_ratio']}"]
+    runs = {name: ["-S", f"patch={PATCH}", "-S", f"mask_ratio={r}"] for name, r in _cell_exps().items()}
+    runs[POOL_EXP] = [*pin, "-S", "model.pool=cls"]
+    runs[LAYER_DECAY_EXP] = [*pin, "-S", f"finetune.layer_decay={LAYER_DECAY}"]
+    for name, sets in runs.items():
+        subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *sets], cwd=ROOT, check=True)
 
 
 def read(exp: str | None, rel: str) -> dict:
@@ -68,7 +91,7 @@ def _grid(exp: str | None) -> list[dict]:
 
 def _criterion_study() -> tuple[list[dict], list[dict], str] | None:
     try:
-        cells = sorted([row(None), *(row(e) for e in CELL_EXPS)], key=lambda r: r["cell"])
+        cells = sorted([row(None), *(row(e) for e in _cell_exps())], key=lambda r: r["cell"])
     except SystemExit:  # the cell experiments have not been run
         return None
     best_ft = max(cells, key=lambda r: r["finetune val_acc"])["cell"]
@@ -83,16 +106,14 @@ def _criterion_study() -> tuple[list[dict], list[dict], str] | None:
 
 def _layer_decay_study() -> list[dict] | None:
     try:
-        rows = [dict(row(None), layer_decay=0.75), dict(row(LAYER_DECAY_EXP), layer_decay=1.0)]
+        rows = [dict(row(None), layer_decay=1.0), dict(row(LAYER_DECAY_EXP), layer_decay=LAYER_DECAY)]
     except SystemExit:
         return None
     keep = ("finetune val_acc", "finetune val_sd", "scratch val_acc", "scratch val_sd")
     return [{"layer_decay": r["layer_decay"], **{k: r[k] for k in keep}} for r in rows]
 
 
-def main() -> None:
-    if len(sys.argv) > 1:
-        raise SystemExit(__doc__)
+def write_report() -> None:
     pools = [dict(row(None), pool="mean"), dict(row(POOL_EXP), pool="cls")]
     keep = (
         "probe val_acc",
@@ -125,6 +146,15 @@ def main() -> None:
         "encoder and 100 labels per class as in the default; mean of 3 seeds)",
         extra=extra,
     )
+
+
+def main() -> None:
+    if sys.argv[1:] == ["run"]:
+        run()
+    elif sys.argv[1:] == ["report"]:
+        write_report()
+    else:
+        raise SystemExit(__doc__)
 
 
 if __name__ == "__main__":
