@@ -50,9 +50,12 @@ def run() -> None:
 
     chosen = _default_cell()
     pin = ["-S", f"patch={chosen['patch']}", "-S", f"mask_ratio={chosen['mask_ratio']}"]
-    runs = {name: ["-S", f"patch={PATCH}", "-S", f"mask_ratio={r}"] for name, r in _cell_exps().items()}
-    runs[POOL_EXP] = [*pin, "-S", "model.pool=cls"]
-    runs[LAYER_DECAY_EXP] = [*pin, "-S", f"finetune.layer_decay={LAYER_DECAY}"]
+    # Cheapest first (the cells each re-run pretrain_full), so a cut-short run still reports.
+    runs = {
+        POOL_EXP: [*pin, "-S", "model.pool=cls"],
+        LAYER_DECAY_EXP: [*pin, "-S", f"finetune.layer_decay={LAYER_DECAY}"],
+    }
+    runs.update({name: ["-S", f"patch={PATCH}", "-S", f"mask_ratio={r}"] for name, r in _cell_exps().items()})
     for name, sets in runs.items():
         subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *sets], cwd=ROOT, check=True)
 
