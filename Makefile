@@ -22,10 +22,10 @@ lint: setup
 	ruff check .
 	ruff format --check .
 
-# A benchmark, not a test: maepipe's loop against the usual DataLoader loop (pipeline/bench.py).
+# A benchmark, not a test: maepipe's loop against the usual DataLoader loop (tools/bench.py).
 bench: setup
 	dvc repro data
-	python -m pipeline.bench
+	python -m tools.bench
 
 setup: $(STAMP) data-source
 
@@ -58,7 +58,7 @@ mlflow-ui: setup
 # A shared tracking server: PostgreSQL + `mlflow server --serve-artifacts` on 127.0.0.1:5001,
 # everything under .mlflow-server/. Then: export MLFLOW_TRACKING_URI=http://127.0.0.1:5001
 mlflow-server: setup team-deps
-	python -m pipeline.server
+	python -m tools.tracking_server
 
 APT_INSTALL = if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null) \

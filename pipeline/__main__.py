@@ -5,7 +5,6 @@ A user mistake (UserError) prints one line `maepipe: error: ...` and exits 2, ne
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,29 +12,16 @@ STAGES = ("validate", "data", "budget", "pretrain", "select", "pretrain_full", "
 DATA_PARALLEL = ("pretrain", "pretrain_full", "probe", "finetune")  # the stages that may run under torchrun
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line, exit 2, like ours
-        self.exit(2, f"maepipe: error: {message}\n")
-
-
-def _number(kind):
-    def parse(text):
-        try:
-            return kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-
-    return parse
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    from .cli import Parser, guarded, number
+
+    parser = Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=STAGES + ("preset",))
     parser.add_argument("name", nargs="?", help="preset name (for `preset`)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--marker", help="validate / budget: write this constant file when the check passes")
-    parser.add_argument("--patch", type=_number(int), help="pretrain: the cell's patch size")
-    parser.add_argument("--mask", type=_number(float), help="pretrain: the cell's mask ratio")
+    parser.add_argument("--patch", type=number(int), help="pretrain: the cell's patch size")
+    parser.add_argument("--mask", type=number(float), help="pretrain: the cell's mask ratio")
     parser.add_argument(
         "--init",
         choices=("pretrained", "random"),
@@ -44,28 +30,13 @@ def main(argv: list[str] | None = None) -> int:
         "weights (the controls `probe_random` and `scratch`)",
     )
     args = parser.parse_args(argv)
-
-    import importlib
-    import signal
-
-    from .errors import Terminated, UserError
-    from .signals import install
-
-    install()
     try:
-        return _run(args)
-    except UserError as e:
-        print(f"maepipe: error: {e}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print("maepipe: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print("maepipe: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return guarded(lambda: _run(args))
     finally:
         if args.stage in DATA_PARALLEL:
-            importlib.import_module(".engine", __package__).teardown()
+            import importlib
+
+            importlib.import_module(".runtime", __package__).teardown()
 
 
 def _run(args) -> int:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, md5
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -161,18 +161,10 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify(spec: Spec, folder: Path, names: list[str]) -> None:
     for name in names:
         path = folder / name
-        if spec.md5.get(name) == md5_file(path):
+        if spec.md5.get(name) == md5(path):
             continue
         if name in spec.md5_content:
             try:

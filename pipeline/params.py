@@ -16,7 +16,7 @@ import yaml
 
 from .augment import AUGMENTS
 from .errors import UserError
-from .model import HEADS, LOSSES, POOLS, num_visible
+from .model import HEADS, LOSSES, POOLS, ViTConfig, num_visible
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -436,9 +436,14 @@ def check_cell(p: Params, patch: int, mask_ratio: float, what: str = "grid") -> 
 
 def check_downstream_size(p: Params, patch: int) -> None:
     """The encoder's patch must tile the downstream images; its positions are resampled to that grid."""
-    size = p.downstream_size
+    what = "downstream.image_size" if p.downstream.image_size != "same" else "data.image_size"
+    require_patch_divides(p.downstream_size, patch, what)
+
+
+def require_patch_divides(size: int, patch: int, what: str) -> None:
+    """The one wording of "the selected encoder's patch must tile the downstream images", whether
+    params (validate, select) or the prepared data (the arms) tell the size."""
     if size % patch:
-        what = "downstream.image_size" if p.downstream.image_size != "same" else "data.image_size"
         raise UserError(
             f"params: {what} = {size}: the selected encoder has patch {patch}, which must divide "
             f"the downstream image size (sizes allowed: multiples of {patch})"
@@ -525,3 +530,20 @@ def load(path: str | Path = "params.yaml") -> Params:
             f"params: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
         ) from None
     return parse(raw)
+
+
+def vit_config(p: Params, patch: int, d: dict) -> ViTConfig:
+    """The one place params become a ViT: `model.*` at `patch`, for the prepared images `d`
+    (their size, channels and normalisation)."""
+    m = p.model
+    return ViTConfig(
+        p.data.image_size,
+        d["x_train"].shape[1],
+        patch,
+        m.dim,
+        m.depth,
+        m.heads,
+        m.mlp_ratio,
+        tuple(float(x) for x in d["mean"]),
+        tuple(float(x) for x in d["std"]),
+    )

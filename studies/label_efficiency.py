@@ -28,7 +28,7 @@ from exps import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from pipeline import report, stats  # noqa: E402
+from pipeline import figures, report, stats  # noqa: E402
 
 BUDGETS = ("10", "100", "1000", "all")
 DEFAULT = "100"  # the committed default run's budget: read from the workspace, not re-run
@@ -127,11 +127,7 @@ def write(results: dict) -> None:
 
 
 def _figure(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = figures.pyplot()
     x = np.array([r["labels"] for r in results.values()], dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for arm in ARMS:
@@ -147,7 +143,7 @@ def _figure(results: dict, path: Path) -> None:
     ax.set_title("What MAE pretraining buys per label budget (95 % CI: test images x seeds)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    report.save_figure(fig, path)
+    figures.save_figure(fig, path)
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ import gzip
 import os
 import pickle
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -18,10 +17,11 @@ import pytest
 import yaml
 
 from pipeline import data
+from tools import tracking_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["pipeline", "presets", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = ["pipeline", "tools", "presets", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
 
 
 # The only skips CI accepts: tests that need hardware a CI machine does not have.
@@ -167,9 +167,8 @@ def mlflow_runs(repo, kind: str = "stages"):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now: the tracking server tool's helper, the one copy."""
+    return tracking_server.free_port("127.0.0.1")
 
 
 # Data files in the exact on-disk formats the loaders read (MNIST-style IDX gz, CIFAR-10 pickles).

@@ -395,7 +395,7 @@ def test_missing_upstream_output_is_a_clear_error(tiny_repo):
 def test_bench_runs_and_writes_its_table(tiny_repo):
     """`make bench` must not rot; its numbers are not asserted (a benchmark, not a timed test)."""
     assert cli(tiny_repo, "data").returncode == 0
-    out = sh([sys.executable, "-m", "pipeline.bench", "--steps", "1", "--patches", "4,8"], tiny_repo)
+    out = sh([sys.executable, "-m", "tools.bench", "--steps", "1", "--patches", "4,8"], tiny_repo)
     result = json.loads((tiny_repo / "bench" / "results-cpu.json").read_text())
     assert [r["what"] for r in result["rows"]] == [
         "MAE pretrain p4-m0.5",

@@ -1,5 +1,5 @@
 """A team's tracking server for real: PostgreSQL + `mlflow server --serve-artifacts` started by
-pipeline/server.py (what `make mlflow-server` runs), a tiny `dvc repro` logging to it over HTTP
+tools/tracking_server.py (what `make mlflow-server` runs), a tiny `dvc repro` logging to it over HTTP
 with `MLFLOW_TRACKING_URI`, and the runs read back through the MLflow client. No mocks.
 
 Needs Debian's `postgresql` package and psycopg2 (requirements.txt); without them the test is
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import CELLS, DOWNSTREAM, make_repo, sh, tiny_params
 
-from pipeline import server
 from pipeline.errors import UserError
+from tools import tracking_server as server
 
 
 def _missing() -> str | None:

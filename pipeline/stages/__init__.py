@@ -52,14 +52,10 @@ def downstream_encoder(d: dict):
     """The encoder that goes downstream (`models/encoder.pt`), adapted to the downstream images.
     Returns (encoder, cell it was selected as)."""
     from .. import checkpoint
-    from ..errors import UserError
+    from ..params import require_patch_divides
 
     ckpt = checkpoint.load(ENCODER)
     encoder = adapted_encoder(ckpt, d)
     if encoder is None:
-        size, patch = d["x_train"].shape[-1], ckpt["vit"]["patch"]
-        raise UserError(
-            f"params: downstream.image_size = {size}: the selected encoder {ckpt['meta']['cell']} has "
-            f"patch {patch}, which must divide it (sizes allowed: multiples of {patch})"
-        )
+        require_patch_divides(d["x_train"].shape[-1], ckpt["vit"]["patch"], "downstream.image_size")
     return encoder, ckpt["meta"]["cell"]

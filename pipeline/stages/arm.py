@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, engine, fsutil, report, stats, tracking
+from .. import checkpoint, data, dist, fsutil, report, runtime, stats, tracking
 from ..params import Params, flatten
 from . import DOWNSTREAM_DATA, METRICS, PLOTS, arm_path, downstream_encoder
 
@@ -28,12 +28,11 @@ def run(p: Params, arm: str, params: dict, train_one: Callable[..., tuple[torch.
 
     `train_one(seed=, encoder=, num_classes=, x_train=, y_train=, x_val=, y_val=, device=, on_round=)` builds
     and trains one classifier, returning (classifier, head kwargs, history)."""
-    device = engine.setup(p.device, p.seed)
+    device = runtime.setup(p.device, p.seed)
     d = data.load_prepared(DOWNSTREAM_DATA)
     encoder, cell = downstream_encoder(d)
-    seeds = p.downstream_seeds()
-    x_val = engine.to_device(d["x_val"], device)
-    y_val = engine.to_device(d["y_val"], device)
+    x_val = runtime.to_device(d["x_val"], device)
+    y_val = runtime.to_device(d["y_val"], device)
     params = {
         "seed": p.seed,
         "device": p.device,
@@ -44,7 +43,7 @@ def run(p: Params, arm: str, params: dict, train_one: Callable[..., tuple[torch.
     with tracking.start(p.mlflow.experiment, arm, params, p.downstream_dataset, cell) as mlrun:
         mlrun.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "training")
         per_seed, curves = [], []
-        for k, seed in enumerate(seeds):
+        for k, seed in enumerate(p.downstream_seeds()):
             chosen = data.label_budget(d["y_train"], p.downstream.labels_per_class, seed, d["classes"])
             curve = []
 
@@ -57,8 +56,8 @@ def run(p: Params, arm: str, params: dict, train_one: Callable[..., tuple[torch.
                 seed=seed,
                 encoder=encoder,
                 num_classes=len(d["classes"]),
-                x_train=engine.to_device(d["x_train"][chosen], device),
-                y_train=engine.to_device(d["y_train"][chosen], device),
+                x_train=runtime.to_device(d["x_train"][chosen], device),
+                y_train=runtime.to_device(d["y_train"][chosen], device),
                 x_val=x_val,
                 y_val=y_val,
                 device=device,
@@ -66,41 +65,50 @@ def run(p: Params, arm: str, params: dict, train_one: Callable[..., tuple[torch.
             )
             if not dist.is_main():
                 continue
-            checkpoint.save(
-                arm_path(arm, k),
-                checkpoint.classifier_payload(clf, head, stage=arm, cell=cell, seed=seed, labels=len(chosen)),
-            )
-            # The same classifier as an MLflow model: loadable and servable without this repo.
-            mlrun.log_classifier(
-                f"{arm}-s{k}",
-                arm_path(arm, k),
-                [str(c) for c in d["classes"]],
-                d["x_val"][:2],
-                {"arm": arm, "seed": str(seed), "cell": cell, "checkpoint_md5": fsutil.md5(arm_path(arm, k))},
-            )
+            _save(mlrun, arm, k, clf, head, cell=cell, seed=seed, labels=len(chosen), d=d)
             per_seed.append({"seed": seed, "labels": int(len(chosen)), **history[-1]})
             curves.append(curve)
-        if not dist.is_main():
-            return
-        summary = {
-            "labels_per_class": p.downstream.labels_per_class,
-            "labels": per_seed[0]["labels"],
-            "seeds": per_seed,
-        }
-        for name in ("val_acc", "val_loss"):
-            summary[f"{name}_mean"], summary[f"{name}_sd"] = stats.mean_sd([r[name] for r in per_seed])
-        mlrun.log_metrics({"val_acc_mean": summary["val_acc_mean"], "val_acc_sd": summary["val_acc_sd"]})
-        report.write_json(summary, METRICS / f"{arm}.json")
-        # The DVC curve: the mean over repetitions, and each repetition's val accuracy beside it.
-        rows = []
-        for i, point in enumerate(curves[0]):
-            at = [c[i] for c in curves]
-            rows.append(
-                {
-                    "step": point["step"],
-                    **{name: float(np.mean([a[name] for a in at])) for name in point if name != "step"},
-                    **{f"val_acc_s{k}": a["val_acc"] for k, a in enumerate(at)},
-                }
-            )
-        report.write_csv(rows, PLOTS / arm / "curve.csv")
-        mlrun.log_artifact(PLOTS / arm / "curve.csv")
+        if dist.is_main():
+            _write_summary(p, arm, mlrun, per_seed, curves)
+
+
+def _save(mlrun, arm: str, k: int, clf, head: dict, *, cell: str, seed: int, labels: int, d: dict) -> None:
+    """Repetition k's checkpoint, and the same classifier as an MLflow model: loadable and
+    servable without this repo."""
+    checkpoint.save(
+        arm_path(arm, k),
+        checkpoint.classifier_payload(clf, head, stage=arm, cell=cell, seed=seed, labels=labels),
+    )
+    mlrun.log_classifier(
+        f"{arm}-s{k}",
+        arm_path(arm, k),
+        [str(c) for c in d["classes"]],
+        d["x_val"][:2],
+        {"arm": arm, "seed": str(seed), "cell": cell, "checkpoint_md5": fsutil.md5(arm_path(arm, k))},
+    )
+
+
+def _write_summary(p: Params, arm: str, mlrun, per_seed: list[dict], curves: list[list[dict]]) -> None:
+    """metrics/<arm>.json (per seed, mean and sd) and the DVC curve: the mean over repetitions,
+    with each repetition's val accuracy beside it."""
+    summary = {
+        "labels_per_class": p.downstream.labels_per_class,
+        "labels": per_seed[0]["labels"],
+        "seeds": per_seed,
+    }
+    for name in ("val_acc", "val_loss"):
+        summary[f"{name}_mean"], summary[f"{name}_sd"] = stats.mean_sd([r[name] for r in per_seed])
+    mlrun.log_metrics({"val_acc_mean": summary["val_acc_mean"], "val_acc_sd": summary["val_acc_sd"]})
+    report.write_json(summary, METRICS / f"{arm}.json")
+    rows = []
+    for i, point in enumerate(curves[0]):
+        at = [c[i] for c in curves]
+        rows.append(
+            {
+                "step": point["step"],
+                **{name: float(np.mean([a[name] for a in at])) for name in point if name != "step"},
+                **{f"val_acc_s{k}": a["val_acc"] for k, a in enumerate(at)},
+            }
+        )
+    report.write_csv(rows, PLOTS / arm / "curve.csv")
+    mlrun.log_artifact(PLOTS / arm / "curve.csv")

@@ -10,7 +10,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from .. import checkpoint, data, engine, fsutil, report, stats, tracking
+from .. import checkpoint, data, figures, fsutil, loop, report, runtime, stats, tracking
 from ..params import Params
 from . import DOWNSTREAM_DATA, IMAGES, METRICS, PLOTS, REPORTS, arm_path
 
@@ -99,45 +99,18 @@ def headline(summary: dict, cell: str) -> dict:
 
 
 def run(p: Params) -> None:
-    device = engine.setup(p.device, p.seed)
+    device = runtime.setup(p.device, p.seed)
     d = data.load_prepared(DOWNSTREAM_DATA)
     classes = [str(c) for c in d["classes"]]
-    x_test = engine.to_device(d["x_test"], device)
+    x_test = runtime.to_device(d["x_test"], device)
     y_test = d["y_test"]
     seeds = p.downstream_seeds()
     # Load and score every checkpoint before writing anything: a missing one leaves no half report.
-    probs = {arm: [] for arm in (*ARMS, PIXELS)}
-    x_val = engine.to_device(d["x_val"], device)
-    val_acc = {}  # (arm, repetition) -> val accuracy: how the registry's candidate is chosen
-    for arm in ARMS:
-        for k in range(len(seeds)):
-            ckpt = checkpoint.load(arm_path(arm, k))
-            cell = ckpt["meta"]["cell"]
-            clf = checkpoint.build_classifier(ckpt).to(device).eval()
-            logits = engine.predict(clf, x_test, 512, device)
-            probs[arm].append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64))
-            if arm in CANDIDATES:
-                val_pred = engine.predict(clf, x_val, 512, device).argmax(1).cpu().numpy()
-                val_acc[arm, k] = float((val_pred == d["y_val"]).mean())
+    probs, val_acc, cell = _predict_arms(d, x_test, len(seeds), device)
     budgets = [data.label_budget(d["y_train"], p.downstream.labels_per_class, s, d["classes"]) for s in seeds]
-    # lbfgs draws no random numbers, so seeds that share a label subset (every seed, under
-    # `labels_per_class: all`) share one fit: minutes on 54,000 images, not one per seed.
-    fits = {}
-    for chosen, s in zip(budgets, seeds):
-        if chosen.tobytes() not in fits:
-            fits[chosen.tobytes()] = pixel_floor(d, chosen, s)
-        probs[PIXELS].append(fits[chosen.tobytes()])
+    probs[PIXELS] = _pixel_probs(d, budgets, seeds)
 
-    results, curves, preds = {}, {}, {}
-    for arm, runs in probs.items():
-        per_seed = []
-        for k, pr in enumerate(runs):
-            metrics, c = scores(y_test, pr, classes)
-            per_seed.append(metrics)
-            if k == 0:
-                curves[arm] = c
-        results[arm] = summarise(per_seed)
-        preds[arm] = np.stack([pr.argmax(1) for pr in runs])
+    results, curves, preds = _score_arms(probs, y_test, classes)
     correct = {arm: preds[arm] == y_test[None] for arm in preds}
     comparisons = {f"{a}-{b}": compare(correct, a, b, p.seed) for a, b in COMPARISONS}
     summary = {
@@ -159,46 +132,14 @@ def run(p: Params) -> None:
     }
     with tracking.start(p.mlflow.experiment, "evaluate", params, p.downstream_dataset) as run:
         run.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "evaluation")
-        for arm in probs:
-            rows = [
-                {"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in curves[arm].items()}}
-                for f in FPR_GRID
-            ]
-            report.write_csv(rows, PLOTS / "evaluate" / f"roc_{arm}.csv")
-            report.write_csv(
-                [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(y_test, preds[arm][0])],
-                PLOTS / "evaluate" / f"confusion_{arm}.csv",
-            )
-            r = results[arm]
-            run.log_metrics({f"{arm}_{k}": v for k, v in r.items() if k.endswith(("_mean", "_sd"))})
+        _write_arm_plots(run, curves, preds, results, classes, y_test)
         for name, c in comparisons.items():
             run.log_metrics({f"{name}_{k}": c[k] for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")})
-        # Every repetition's prediction for every test image: the intervals can be recomputed from this.
-        table = [
-            {
-                "image": i,
-                "label": int(y_test[i]),
-                **{f"{arm}_s{k}": int(preds[arm][k, i]) for arm in preds for k in range(len(seeds))},
-            }
-            for i in range(len(y_test))
-        ]
-        report.write_csv(table, PLOTS / "evaluate" / "predictions.csv")
+        _write_predictions(preds, y_test, len(seeds))
         report.write_json(summary, METRICS / "evaluate.json")
         report.write_json(headline(summary, cell), METRICS / "summary.json")
         _write_report(summary, p, REPORTS / "evaluate.md")
-        report.roc_figure({a: curves[a] for a in ARMS}, IMAGES / "roc.png")
-        cms = {arm: confusion_matrix(y_test, preds[arm][0], labels=list(range(len(classes)))) for arm in ARMS}
-        report.confusion_figure(cms, classes, IMAGES / "confusion.png")
-        pick = np.random.default_rng(p.seed).choice(
-            len(y_test), size=min(PREDICTION_IMAGES, len(y_test)), replace=False
-        )
-        report.predictions_figure(
-            d["x_test"][pick] / 255.0,
-            y_test[pick],
-            {a: preds[a][0][pick] for a in ARMS},
-            classes,
-            IMAGES / "predictions.png",
-        )
+        _write_figures(d, curves, preds, classes, p.seed)
         for name in ("roc.png", "confusion.png", "predictions.png"):
             run.log_artifact(IMAGES / name)
         run.log_artifact(REPORTS / "evaluate.md")
@@ -210,6 +151,98 @@ def run(p: Params) -> None:
             {k: v for k, v in top.items() if isinstance(v, float)},
         )
         run.note_not_run(_stage_runs(p, cell))
+
+
+def _predict_arms(d: dict, x_test: torch.Tensor, n_seeds: int, device) -> tuple[dict, dict, str]:
+    """-> (test probabilities per arm and repetition, val accuracy per candidate (arm, repetition),
+    the encoder's cell), from every arm's checkpoints."""
+    probs = {arm: [] for arm in ARMS}
+    x_val = runtime.to_device(d["x_val"], device)
+    val_acc = {}  # (arm, repetition) -> val accuracy: how the registry's candidate is chosen
+    for arm in ARMS:
+        for k in range(n_seeds):
+            ckpt = checkpoint.load(arm_path(arm, k))
+            cell = ckpt["meta"]["cell"]
+            clf = checkpoint.build_classifier(ckpt).to(device).eval()
+            logits = loop.predict(clf, x_test, 512, device)
+            probs[arm].append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64))
+            if arm in CANDIDATES:
+                val_pred = loop.predict(clf, x_val, 512, device).argmax(1).cpu().numpy()
+                val_acc[arm, k] = float((val_pred == d["y_val"]).mean())
+    return probs, val_acc, cell
+
+
+def _pixel_probs(d: dict, budgets: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
+    """-> the pixel floor's test probabilities, one per seed."""
+    # lbfgs draws no random numbers, so seeds that share a label subset (every seed, under
+    # `labels_per_class: all`) share one fit: minutes on 54,000 images, not one per seed.
+    fits, out = {}, []
+    for chosen, s in zip(budgets, seeds):
+        if chosen.tobytes() not in fits:
+            fits[chosen.tobytes()] = pixel_floor(d, chosen, s)
+        out.append(fits[chosen.tobytes()])
+    return out
+
+
+def _score_arms(probs: dict, y_test: np.ndarray, classes: list[str]) -> tuple[dict, dict, dict]:
+    """-> (summary metrics per arm, the first repetition's ROC curves per arm, predicted classes
+    per arm as a (repetition, image) array)."""
+    results, curves, preds = {}, {}, {}
+    for arm, runs in probs.items():
+        per_seed = []
+        for k, pr in enumerate(runs):
+            metrics, c = scores(y_test, pr, classes)
+            per_seed.append(metrics)
+            if k == 0:
+                curves[arm] = c
+        results[arm] = summarise(per_seed)
+        preds[arm] = np.stack([pr.argmax(1) for pr in runs])
+    return results, curves, preds
+
+
+def _write_arm_plots(run, curves: dict, preds: dict, results: dict, classes: list[str], y_test: np.ndarray) -> None:
+    """Writes each arm's ROC and confusion CSVs under PLOTS/evaluate and logs its summary metrics."""
+    for arm in preds:
+        rows = [
+            {"fpr": f, **{label: float(np.interp(f, c[0], c[1])) for label, c in curves[arm].items()}} for f in FPR_GRID
+        ]
+        report.write_csv(rows, PLOTS / "evaluate" / f"roc_{arm}.csv")
+        report.write_csv(
+            [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(y_test, preds[arm][0])],
+            PLOTS / "evaluate" / f"confusion_{arm}.csv",
+        )
+        r = results[arm]
+        run.log_metrics({f"{arm}_{k}": v for k, v in r.items() if k.endswith(("_mean", "_sd"))})
+
+
+def _write_predictions(preds: dict, y_test: np.ndarray, n_seeds: int) -> None:
+    """Writes PLOTS/evaluate/predictions.csv: every repetition's prediction for every test image."""
+    # Every repetition's prediction for every test image: the intervals can be recomputed from this.
+    table = [
+        {
+            "image": i,
+            "label": int(y_test[i]),
+            **{f"{arm}_s{k}": int(preds[arm][k, i]) for arm in preds for k in range(n_seeds)},
+        }
+        for i in range(len(y_test))
+    ]
+    report.write_csv(table, PLOTS / "evaluate" / "predictions.csv")
+
+
+def _write_figures(d: dict, curves: dict, preds: dict, classes: list[str], seed: int) -> None:
+    """Writes the ROC, confusion and sample-prediction figures of the arms to IMAGES."""
+    y_test = d["y_test"]
+    figures.roc_figure({a: curves[a] for a in ARMS}, IMAGES / "roc.png")
+    cms = {arm: confusion_matrix(y_test, preds[arm][0], labels=list(range(len(classes)))) for arm in ARMS}
+    figures.confusion_figure(cms, classes, IMAGES / "confusion.png")
+    pick = np.random.default_rng(seed).choice(len(y_test), size=min(PREDICTION_IMAGES, len(y_test)), replace=False)
+    figures.predictions_figure(
+        d["x_test"][pick] / 255.0,
+        y_test[pick],
+        {a: preds[a][0][pick] for a in ARMS},
+        classes,
+        IMAGES / "predictions.png",
+    )
 
 
 def _stage_runs(p: Params, cell: str) -> dict[str, dict]:

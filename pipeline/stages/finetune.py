@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from .. import engine
+from .. import loop, optim, runtime
 from ..augment import augment
 from ..model import Classifier, Encoder
 from ..params import Params, flatten
@@ -21,7 +21,7 @@ KEEP = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 def run(p: Params, init: str = "pretrained") -> None:
     ft = p.finetune
-    lr_encoder, lr_head = (engine.scaled_lr(lr, ft.batch_size) for lr in (ft.lr_encoder, ft.lr_head))
+    lr_encoder, lr_head = (optim.scaled_lr(lr, ft.batch_size) for lr in (ft.lr_encoder, ft.lr_head))
     name = NAMES[init]
 
     def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
@@ -30,19 +30,18 @@ def run(p: Params, init: str = "pretrained") -> None:
         head = {"num_classes": num_classes, "head": ft.head, "pool": p.model.pool, "mlp_hidden": ft.mlp_hidden}
         clf = Classifier(encoder, **head).to(device)
         clf.encoder.set_drop_path(ft.drop_path)
-        groups = engine.layer_decay_groups(
+        groups = optim.layer_decay_groups(
             clf.encoder, lr_encoder, ft.weight_decay, ft.layer_decay
-        ) + engine.param_groups(clf.head, lr_head, ft.weight_decay)
-        optimizer = engine.make_optimizer(ft.optimizer, groups, device)
-        net = engine.Compiled(engine.distribute(clf, device), engine.want_compile(p.compile, device), name)
+        ) + optim.param_groups(clf.head, lr_head, ft.weight_decay)
+        optimizer = optim.make_optimizer(ft.optimizer, groups, device)
+        net = runtime.Compiled(runtime.distribute(clf, device), runtime.want_compile(p.compile, device), name)
         gen = torch.Generator(device=device).manual_seed(seed + 2)
         n_rounds, per_round = arm.rounds(ft.steps)
-        history = engine.fit_classifier(
+        history = loop.fit_classifier(
             stage=name,
             module=clf,
-            forward=lambda u8: net(augment(engine.as_float(u8), ft.augment, gen)),
-            eval_forward=lambda u8: clf(engine.as_float(u8)),
-            compiled=net,
+            forward=lambda u8: net(augment(runtime.as_float(u8), ft.augment, gen)),
+            eval_forward=lambda u8: clf(runtime.as_float(u8)),
             optimizer=optimizer,
             x_train=x_train,
             y_train=y_train,

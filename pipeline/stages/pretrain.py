@@ -4,29 +4,14 @@ import time
 
 import torch
 
-from .. import checkpoint, data, dist, engine, report, tracking
+from .. import checkpoint, data, dist, figures, loop, optim, report, runtime, tracking
 from ..augment import augment
 from ..errors import UserError
-from ..model import MAE, ViTConfig, masked_pixel_sse, num_visible, unpatchify
-from ..params import Params, cell_name, check_cell, flatten
+from ..model import MAE, masked_pixel_sse, num_visible, unpatchify
+from ..params import Params, cell_name, check_cell, flatten, vit_config
 from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, mae_path
 
 FIGURE_IMAGES = 8
-
-
-def vit_config(p: Params, patch: int, channels: int, mean, std) -> ViTConfig:
-    m = p.model
-    return ViTConfig(
-        p.data.image_size,
-        channels,
-        patch,
-        m.dim,
-        m.depth,
-        m.heads,
-        m.mlp_ratio,
-        tuple(float(x) for x in mean),
-        tuple(float(x) for x in std),
-    )
 
 
 def run(p: Params, patch: int, mask_ratio: float) -> None:
@@ -37,12 +22,12 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
         )
     check_cell(p, patch, mask_ratio)
     cell = cell_name(patch, mask_ratio)
-    device = engine.setup(p.device, p.seed)
+    device = runtime.setup(p.device, p.seed)
     d = data.load_prepared(PRETRAIN_DATA)
     # The train split is already shuffled with the seed, so a prefix is a random subset.
-    x_train = engine.to_device(d["x_train"][: p.pretrain.train_limit], device)
-    x_val = engine.to_device(d["x_val"][: p.pretrain.val_limit], device)
-    cfg = vit_config(p, patch, x_train.shape[1], d["mean"], d["std"])
+    x_train = runtime.to_device(d["x_train"][: p.pretrain.train_limit], device)
+    x_val = runtime.to_device(d["x_val"][: p.pretrain.val_limit], device)
+    cfg = vit_config(p, patch, d)
     m, pt = p.model, p.pretrain
     decoder = {"decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "decoder_heads": m.decoder_heads}
     mae = MAE(cfg, mask_ratio, loss=pt.loss, **decoder).to(device)
@@ -56,7 +41,7 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
         **flatten(p.data, "data."),
         **flatten(p.model, "model."),
         **flatten(pt, "pretrain."),
-        "pretrain.lr_scaled": engine.scaled_lr(pt.lr, pt.batch_size),
+        "pretrain.lr_scaled": optim.scaled_lr(pt.lr, pt.batch_size),
     }
     with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
         run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")
@@ -97,16 +82,15 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
     """Train `mae` on `x_train` (uint8 on the device) under `schedule` (phases, batch size, lr,
     weight decay, warm-up), logging each epoch to `run`. Returns the final numbers and the curve on
     the main process, None elsewhere (under torchrun only rank 0 writes)."""
-    lr = engine.scaled_lr(schedule.lr, schedule.batch_size)
-    optimizer = engine.make_optimizer("adamw", engine.param_groups(mae, lr, schedule.weight_decay), device)
-    net = engine.Compiled(engine.distribute(mae, device), engine.want_compile(p.compile, device), stage)
+    lr = optim.scaled_lr(schedule.lr, schedule.batch_size)
+    optimizer = optim.make_optimizer("adamw", optim.param_groups(mae, lr, schedule.weight_decay), device)
+    net = runtime.Compiled(runtime.distribute(mae, device), runtime.want_compile(p.compile, device), stage)
     phase_of = schedule.phase_of()
     aug_gen = torch.Generator(device=device).manual_seed(p.seed + 2)
     ops_of_epoch = [schedule.phases[phase - 1].augment for phase in phase_of]
-    epoch_ops = {"ops": ops_of_epoch[0]}
 
-    def step(idx):
-        return engine.StepOutput(net(augment(engine.as_float(x_train[idx]), epoch_ops["ops"], aug_gen))["loss"])
+    def step(idx, epoch):
+        return loop.StepOutput(net(augment(runtime.as_float(x_train[idx]), ops_of_epoch[epoch - 1], aug_gen))["loss"])
 
     def validate():
         # The same masks every epoch and for every run: the curve moves only because the model does.
@@ -115,7 +99,7 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
         sse = torch.zeros((), device=device)
         pixels = torch.zeros((), device=device)
         for chunk in x_val.split(schedule.batch_size):
-            out = mae(engine.as_float(chunk), generator=gen)
+            out = mae(runtime.as_float(chunk), generator=gen)
             loss_sum += out["loss"].float() * len(chunk)
             s, n = masked_pixel_sse(mae.to_pixels(out["pred"], out["target"]), out["target"], out["mask"])
             sse += s
@@ -136,11 +120,8 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
         )
         run.log_epoch(epoch, {**metrics, "phase": phase})
 
-    def before_epoch(epoch):
-        epoch_ops["ops"] = ops_of_epoch[epoch - 1]
-
     start = time.perf_counter()
-    history = engine.fit(
+    history = loop.fit(
         stage=stage,
         model=mae,
         optimizer=optimizer,
@@ -153,8 +134,6 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
         step=step,
         validate=validate,
         on_epoch=on_epoch,
-        before_epoch=before_epoch,
-        compiled=net,
     )
     seconds = time.perf_counter() - start
     if not dist.is_main():
@@ -193,7 +172,7 @@ def write_outputs(
     checkpoint.save(model_path, checkpoint.mae_payload(mae, decoder=decoder, cell=name, metrics=metrics))
     report.write_json(metrics, metrics_path)
     report.write_csv(result["curve"], curve_path)
-    report.pretrain_curve_figure(
+    figures.pretrain_curve_figure(
         result["curve"], [ph.describe() for ph in phases], f"MAE {name}: loss per epoch", curve_figure
     )
     for path in (recon_path, curve_figure, curve_path):
@@ -203,9 +182,9 @@ def write_outputs(
 @torch.no_grad()
 def _reconstruction_figure(mae: MAE, images_u8, device, seed: int, title: str, path) -> None:
     mae.eval()
-    x = engine.as_float(images_u8)
+    x = runtime.as_float(images_u8)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
-    with engine.autocast(device):
+    with runtime.autocast(device):
         out = mae(x, generator=gen)
     p, c = mae.cfg.patch, mae.cfg.channels
     target, mask = out["target"], out["mask"].unsqueeze(-1)
@@ -213,6 +192,6 @@ def _reconstruction_figure(mae: MAE, images_u8, device, seed: int, title: str, p
     masked = unpatchify(target * (1 - mask) + 0.5 * mask, p, c)
     # Visible patches as given, hidden ones as reconstructed: what the encoder saw plus what it inferred.
     recon = unpatchify(target * (1 - mask) + pixels * mask, p, c)
-    report.reconstruction_figure(
+    figures.reconstruction_figure(
         x.cpu().numpy(), masked.float().cpu().numpy(), recon.float().cpu().numpy(), title, path
     )

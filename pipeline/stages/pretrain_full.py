@@ -2,21 +2,21 @@
 unlabelled training image (`pretrain_full.*`), so the encoder that goes downstream gets the
 pretraining budget while the grid only screens cells cheaply."""
 
-from .. import checkpoint, data, engine, tracking
+from .. import checkpoint, data, optim, runtime, tracking
 from ..params import Params, flatten
 from . import ENCODER, IMAGES, METRICS, MODELS, PLOTS, PRETRAIN_DATA
 from .pretrain import effective_mask_ratio, train_mae, write_outputs
 
 
 def run(p: Params) -> None:
-    device = engine.setup(p.device, p.seed)
+    device = runtime.setup(p.device, p.seed)
     best = checkpoint.load(MODELS / "best.pt")
     mae = checkpoint.build_mae(best).to(device)
     cell = best["meta"]["cell"]
     d = data.load_prepared(PRETRAIN_DATA)
     pf = p.pretrain_full
-    x_train = engine.to_device(d["x_train"][: pf.train_limit], device)
-    x_val = engine.to_device(d["x_val"][: p.pretrain.val_limit], device)
+    x_train = runtime.to_device(d["x_train"][: pf.train_limit], device)
+    x_val = runtime.to_device(d["x_val"][: p.pretrain.val_limit], device)
     params = {
         "seed": p.seed,
         "device": p.device,
@@ -24,7 +24,7 @@ def run(p: Params) -> None:
         "cell": cell,
         "loss": mae.loss_kind,
         **flatten(pf, "pretrain_full."),
-        "pretrain_full.lr_scaled": engine.scaled_lr(pf.lr, pf.batch_size),
+        "pretrain_full.lr_scaled": optim.scaled_lr(pf.lr, pf.batch_size),
     }
     with tracking.start(p.mlflow.experiment, "pretrain_full", params, p.data.dataset, cell) as run:
         run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")

@@ -3,7 +3,7 @@ seed, on that seed's label budget.
 
 `init: random` probes an untrained encoder of the same shape: the floor any pretraining must beat."""
 
-from .. import engine
+from .. import loop, optim, runtime
 from ..model import Classifier, Encoder
 from ..params import Params, flatten
 from . import arm
@@ -14,7 +14,7 @@ KEEP = ("train_loss", "val_loss", "val_acc")
 
 def run(p: Params, init: str = "pretrained") -> None:
     pr = p.probe
-    lr = engine.scaled_lr(pr.lr, pr.batch_size)
+    lr = optim.scaled_lr(pr.lr, pr.batch_size)
 
     def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
         if init == "random":
@@ -27,14 +27,14 @@ def run(p: Params, init: str = "pretrained") -> None:
         # the head trains on them: a step costs a matrix multiply, not a ViT forward pass. fp32, as
         # evaluate scores the test images.
         feats = {
-            s: engine.predict(clf.features, x, pr.batch_size, device) for s, x in (("train", x_train), ("val", x_val))
+            s: loop.predict(clf.features, x, pr.batch_size, device) for s, x in (("train", x_train), ("val", x_val))
         }
-        optimizer = engine.make_optimizer(pr.optimizer, engine.param_groups(clf.head, lr, pr.weight_decay), device)
+        optimizer = optim.make_optimizer(pr.optimizer, optim.param_groups(clf.head, lr, pr.weight_decay), device)
         n_rounds, per_round = arm.rounds(pr.steps)
-        history = engine.fit_classifier(
+        history = loop.fit_classifier(
             stage=NAMES[init],
             module=clf.head,
-            forward=engine.distribute(clf.head, device),
+            forward=runtime.distribute(clf.head, device),
             optimizer=optimizer,
             x_train=feats["train"],
             y_train=y_train,

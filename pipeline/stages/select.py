@@ -10,7 +10,7 @@ the raw pixels (projected to the encoder's width), scored the same way."""
 import numpy as np
 import torch
 
-from .. import checkpoint, data, engine, report, represent, tracking
+from .. import checkpoint, data, figures, loop, report, represent, runtime, tracking
 from ..errors import UserError
 from ..model import Encoder, pooled_features
 from ..params import HIGHER_IS_BETTER, Params, cell_name, check_downstream_size, flatten
@@ -51,6 +51,55 @@ def _scores(features: torch.Tensor, y: torch.Tensor, k: int, p: Params) -> dict:
 
 
 def run(p: Params) -> None:
+    rows = _grid_rows(p)
+    device = runtime.setup(p.device, p.seed)
+    d = data.load_prepared(DOWNSTREAM_DATA)
+    chosen = _budget_indices(p, d)
+    x = runtime.to_device(d["x_train"][chosen], device)
+    y = runtime.to_device(d["y_train"][chosen], device).long()
+    floors = _score(rows, p, d, x, y, device)
+
+    metric = p.select.metric
+    best = choose(rows, metric, p.patch, p.mask_ratio)
+    check_downstream_size(p, best["patch"])
+    for r in rows:
+        r["chosen"] = r is best
+    views = [v for v in VIEWS if all(r[v] is not None for r in rows)]
+    agreement = _agreement(rows, views)
+    best_by = {v: choose(rows, v)["cell"] for v in views}
+    for r in rows:
+        del r["fits"]
+    params = {
+        "patch": p.patch,
+        "mask_ratio": p.mask_ratio,
+        "grid.patch": list(p.grid.patch),
+        "grid.mask_ratio": list(p.grid.mask_ratio),
+        **flatten(p.select, "select."),
+        "downstream.labels_per_class": p.downstream.labels_per_class,
+        "labels_used": len(chosen),
+    }
+    with tracking.start(p.mlflow.experiment, "select", params, p.data.dataset, best["cell"]) as run:
+        checkpoint.copy(mae_path(best["cell"]), MODELS / "best.pt")
+        _write_heatmaps(rows, views, best, best_by, p)
+        report.write_csv(rows, PLOTS / "select" / "grid.csv")
+        _write_grid_report(rows, floors, best, best_by, agreement, len(chosen), p)
+        report.write_json(_result(best, metric, best_by, chosen, floors, agreement), METRICS / "select.json")
+        run.log_metrics(
+            {
+                metric: best[metric],
+                "patch_chosen": best["patch"],
+                "mask_ratio_chosen": best["mask_ratio"],
+                **{k: v for k, v in agreement.items() if v is not None},
+            }
+        )
+        run.summarise_parent({"encoder": best["cell"], "select.metric": metric}, {})
+        for view in views:
+            run.log_artifact(IMAGES / "grid" / f"{view}.png")
+        run.log_artifact(REPORTS / "grid.md")
+
+
+def _grid_rows(p: Params) -> list[dict]:
+    """-> one row per grid cell with its pretrain metrics and `same_as` (its twin cells)."""
     rows = []
     for patch, mask in p.cells():
         cell = cell_name(patch, mask)
@@ -74,19 +123,22 @@ def run(p: Params) -> None:
             if o is not r and o["patch"] == r["patch"] and o["mask_ratio_effective"] == r["mask_ratio_effective"]
         ]
         r["same_as"] = ",".join(twins)
+    return rows
 
-    device = engine.setup(p.device, p.seed)
-    d = data.load_prepared(DOWNSTREAM_DATA)
+
+def _budget_indices(p: Params, d: dict) -> np.ndarray:
+    """-> the indices of the training images the cells are scored on (the budget, capped per class)."""
     budget = p.downstream.labels_per_class
     if budget == "all" and len(d["y_train"]) <= SELECT_PER_CLASS * len(d["classes"]):
-        chosen = np.arange(len(d["y_train"]))
-    else:
-        per_class = SELECT_PER_CLASS if budget == "all" else min(budget, SELECT_PER_CLASS)
-        chosen = data.label_budget(d["y_train"], per_class, p.downstream_seeds()[0], d["classes"])
-    x = engine.to_device(d["x_train"][chosen], device)
-    y = engine.to_device(d["y_train"][chosen], device).long()
+        return np.arange(len(d["y_train"]))
+    per_class = SELECT_PER_CLASS if budget == "all" else min(budget, SELECT_PER_CLASS)
+    return data.label_budget(d["y_train"], per_class, p.downstream_seeds()[0], d["classes"])
+
+
+def _score(rows: list[dict], p: Params, d: dict, x: torch.Tensor, y: torch.Tensor, device) -> list[dict]:
+    """Scores every row in place (`fits`, `knn_acc`, `probe_acc`) -> the floors, scored the same way."""
     k = len(d["classes"])
-    features = lambda enc: engine.predict(
+    features = lambda enc: loop.predict(
         lambda im: pooled_features(enc.to(device).eval(), im, p.model.pool), x, 256, device
     )
     for r in rows:
@@ -104,13 +156,11 @@ def run(p: Params) -> None:
             )
     pixels = represent.pca((x.float() / 255.0).flatten(1), p.model.dim)
     floors.append({"floor": f"raw pixels (PCA to {p.model.dim})", **_scores(pixels, y, k, p)})
+    return floors
 
-    metric = p.select.metric
-    best = choose(rows, metric, p.patch, p.mask_ratio)
-    check_downstream_size(p, best["patch"])
-    for r in rows:
-        r["chosen"] = r is best
-    views = [v for v in VIEWS if all(r[v] is not None for r in rows)]
+
+def _agreement(rows: list[dict], views: list[str]) -> dict:
+    """-> Spearman's rho of -val_mse with each labelled view over the grid (None where undefined)."""
     # Rank agreement over the grid, signed so that +1 means "both call the same cells good".
     agreement = {}
     if "val_mse" in views:
@@ -118,81 +168,64 @@ def run(p: Params) -> None:
         for v in ("knn_acc", "probe_acc"):
             rho = represent.spearman(neg_mse, [r[v] for r in rows]) if v in views else float("nan")
             agreement[f"spearman_val_mse_vs_{v}"] = rho if np.isfinite(rho) else None
-    best_by = {v: choose(rows, v)["cell"] for v in views}
-    for r in rows:
-        del r["fits"]
-    params = {
-        "patch": p.patch,
-        "mask_ratio": p.mask_ratio,
-        "grid.patch": list(p.grid.patch),
-        "grid.mask_ratio": list(p.grid.mask_ratio),
-        **flatten(p.select, "select."),
-        "downstream.labels_per_class": p.downstream.labels_per_class,
-        "labels_used": len(chosen),
+    return agreement
+
+
+def _write_heatmaps(rows: list[dict], views: list[str], best: dict, best_by: dict, p: Params) -> None:
+    """Writes one heatmap per view over the grid, the chosen cell boxed, to IMAGES/grid/<view>.png."""
+    pins = f"patch={p.patch}, mask_ratio={p.mask_ratio}"
+    chosen_at = (p.grid.patch.index(best["patch"]), p.grid.mask_ratio.index(best["mask_ratio"]))
+    for view in views:
+        values = np.array(
+            [
+                [next(r[view] for r in rows if r["patch"] == pa and r["mask_ratio"] == ma) for ma in p.grid.mask_ratio]
+                for pa in p.grid.patch
+            ]
+        )
+        better = "higher" if view in HIGHER_IS_BETTER else "lower"
+        figures.heatmap_figure(
+            values,
+            p.grid.patch,
+            p.grid.mask_ratio,
+            chosen_at,
+            f"{view} per cell ({better} is better; best {best_by[view]}); "
+            f"boxed: chosen {best['cell']} by {p.select.metric} [{pins}]",
+            IMAGES / "grid" / f"{view}.png",
+            higher_is_better=view in HIGHER_IS_BETTER,
+        )
+
+
+def _write_grid_report(
+    rows: list[dict], floors: list[dict], best: dict, best_by: dict, agreement: dict, labels: int, p: Params
+) -> None:
+    """Writes REPORTS/grid.md: every cell's scores, what was chosen and why, and the floors."""
+    pins = f"patch={p.patch}, mask_ratio={p.mask_ratio}"
+    rho = ", ".join(
+        f"{k.split('_vs_')[1]} " + ("undefined" if v is None else f"{v:+.3f}") for k, v in agreement.items()
+    )
+    twins = f"; {best['cell']} is the same cell as {best['same_as']} (same patches hidden)" if best["same_as"] else ""
+    report.write_markdown_table(
+        rows,
+        REPORTS / "grid.md",
+        f"MAE grid: chosen {best['cell']} by {p.select.metric} ({pins}){twins}; best by "
+        + ", ".join(f"{v}: {c}" for v, c in best_by.items())
+        + (f"; Spearman rank correlation of -val_mse with {rho}" if rho else "")
+        + f". knn_acc / probe_acc: {labels} budget labels, cross-validated",
+        extra=[("Floors, scored on the same labels", floors)],
+    )
+
+
+def _result(best: dict, metric: str, best_by: dict, chosen: np.ndarray, floors: list[dict], agreement: dict) -> dict:
+    """-> the contents of METRICS/select.json: the chosen cell, its score, the floors, the agreement."""
+    return {
+        "cell": best["cell"],
+        "patch": best["patch"],
+        "mask_ratio": best["mask_ratio"],
+        "same_as": best["same_as"],
+        "metric": metric,
+        "value": best[metric],
+        "best_by": best_by,
+        "labels_used": int(len(chosen)),
+        "floors": {f["floor"]: {k: f[k] for k in ("knn_acc", "probe_acc")} for f in floors},
+        **agreement,
     }
-    with tracking.start(p.mlflow.experiment, "select", params, p.data.dataset, best["cell"]) as run:
-        checkpoint.copy(mae_path(best["cell"]), MODELS / "best.pt")
-        pins = f"patch={p.patch}, mask_ratio={p.mask_ratio}"
-        chosen_at = (p.grid.patch.index(best["patch"]), p.grid.mask_ratio.index(best["mask_ratio"]))
-        for view in views:
-            values = np.array(
-                [
-                    [
-                        next(r[view] for r in rows if r["patch"] == pa and r["mask_ratio"] == ma)
-                        for ma in p.grid.mask_ratio
-                    ]
-                    for pa in p.grid.patch
-                ]
-            )
-            better = "higher" if view in HIGHER_IS_BETTER else "lower"
-            report.heatmap_figure(
-                values,
-                p.grid.patch,
-                p.grid.mask_ratio,
-                chosen_at,
-                f"{view} per cell ({better} is better; best {best_by[view]}); "
-                f"boxed: chosen {best['cell']} by {metric} [{pins}]",
-                IMAGES / "grid" / f"{view}.png",
-                higher_is_better=view in HIGHER_IS_BETTER,
-            )
-        report.write_csv(rows, PLOTS / "select" / "grid.csv")
-        rho = ", ".join(
-            f"{k.split('_vs_')[1]} " + ("undefined" if v is None else f"{v:+.3f}") for k, v in agreement.items()
-        )
-        twins = (
-            f"; {best['cell']} is the same cell as {best['same_as']} (same patches hidden)" if best["same_as"] else ""
-        )
-        report.write_markdown_table(
-            rows,
-            REPORTS / "grid.md",
-            f"MAE grid: chosen {best['cell']} by {metric} ({pins}){twins}; best by "
-            + ", ".join(f"{v}: {c}" for v, c in best_by.items())
-            + (f"; Spearman rank correlation of -val_mse with {rho}" if rho else "")
-            + f". knn_acc / probe_acc: {len(chosen)} budget labels, cross-validated",
-            extra=[("Floors, scored on the same labels", floors)],
-        )
-        result = {
-            "cell": best["cell"],
-            "patch": best["patch"],
-            "mask_ratio": best["mask_ratio"],
-            "same_as": best["same_as"],
-            "metric": metric,
-            "value": best[metric],
-            "best_by": best_by,
-            "labels_used": int(len(chosen)),
-            "floors": {f["floor"]: {k: f[k] for k in ("knn_acc", "probe_acc")} for f in floors},
-            **agreement,
-        }
-        report.write_json(result, METRICS / "select.json")
-        run.log_metrics(
-            {
-                metric: best[metric],
-                "patch_chosen": best["patch"],
-                "mask_ratio_chosen": best["mask_ratio"],
-                **{k: v for k, v in agreement.items() if v is not None},
-            }
-        )
-        run.summarise_parent({"encoder": best["cell"], "select.metric": metric}, {})
-        for view in views:
-            run.log_artifact(IMAGES / "grid" / f"{view}.png")
-        run.log_artifact(REPORTS / "grid.md")

@@ -8,9 +8,9 @@ before DVC removes any other stage's outputs."""
 
 from pathlib import Path
 
-from ..engine import resolve_device
 from ..fsutil import write_bytes
 from ..params import Params
+from ..runtime import resolve_device
 from .budget import check_early
 
 

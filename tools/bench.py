@@ -3,7 +3,7 @@
 The reference ("naive") loop is the way most tutorials train: a torchvision-style Dataset that
 turns each uint8 image into a PIL image and through `ToTensor`, a DataLoader with batch 256, fp32
 eager, `loss.item()` every step. maepipe's loop keeps the uint8 split on the device, indexes
-batches there, runs bf16 autocast on CUDA and reads the loss once per epoch (engine.fit).
+batches there, runs bf16 autocast on CUDA and reads the loss once per epoch (loop.fit).
 
 Throughput is steady state: each measurement follows a warm-up. Results go to stdout as a table
 and to bench/results-<device>.json. Not a test: numbers depend on the machine.
@@ -11,7 +11,6 @@ and to bench/results-<device>.json. Not a test: numbers depend on the machine.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -27,10 +26,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import data, engine
-from . import params as params_mod
-from .errors import UserError
-from .model import MAE, Classifier, Encoder, ViTConfig
+from pipeline import cli, data, loop, optim, runtime
+from pipeline import params as params_mod
+from pipeline.errors import UserError
+from pipeline.model import MAE, Classifier, Encoder
+from pipeline.stages import PRETRAIN_DATA
 
 BATCH = 256
 # Dense bf16 peak of the GPUs we know, for model FLOPs utilisation (MFU).
@@ -97,7 +97,7 @@ def _sync(device):
 def _fit_throughput(run_epoch, n: int, device, repeats: int = 1) -> tuple[float, float]:
     """(images/s in steady state, seconds the warm-up epoch took beyond a steady one: the
     one-off cost of torch.compile, allocator and autotuning)."""
-    with contextlib.redirect_stdout(io.StringIO()):  # engine.fit's per-epoch line
+    with contextlib.redirect_stdout(io.StringIO()):  # loop.fit's per-epoch line
         start = time.perf_counter()
         run_epoch()  # warm-up: compile, allocator, kernels, autotuning
         _sync(device)
@@ -117,17 +117,7 @@ def flops_per_image(model_step, x: torch.Tensor) -> float:
 
 
 def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on: bool) -> dict:
-    cfg = ViTConfig(
-        p.data.image_size,
-        d["x_train"].shape[1],
-        patch,
-        p.model.dim,
-        p.model.depth,
-        p.model.heads,
-        p.model.mlp_ratio,
-        tuple(map(float, d["mean"])),
-        tuple(map(float, d["std"])),
-    )
+    cfg = params_mod.vit_config(p, patch, d)
 
     def make():
         torch.manual_seed(0)
@@ -142,12 +132,12 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on
     naive = _naive_throughput(lambda x, _y: mae(x)["loss"], opt, images, labels, device, steps)
 
     mae, _ = make()
-    opt = engine.make_optimizer("adamw", engine.param_groups(mae, 1e-4, 0.05), device)
-    x_dev = engine.to_device(images[:n], device)
-    net = engine.Compiled(mae, compile_on, "bench")
+    opt = optim.make_optimizer("adamw", optim.param_groups(mae, 1e-4, 0.05), device)
+    x_dev = runtime.to_device(images[:n], device)
+    net = runtime.Compiled(mae, compile_on, "bench")
 
     def epoch():
-        engine.fit(
+        loop.fit(
             stage="bench",
             model=mae,
             optimizer=opt,
@@ -157,30 +147,19 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on
             warmup_epochs=0,
             device=device,
             seed=0,
-            step=lambda idx: engine.StepOutput(net(engine.as_float(x_dev[idx]))["loss"]),
+            step=lambda idx, epoch: loop.StepOutput(net(runtime.as_float(x_dev[idx]))["loss"]),
             validate=dict,
             on_epoch=lambda e, m: None,
-            compiled=net,
         )
 
     fast, warmup_s = _fit_throughput(epoch, n, device)
-    flops = flops_per_image(lambda x: mae(x)["loss"].backward(), engine.as_float(x_dev[:8]))
+    flops = flops_per_image(lambda x: mae(x)["loss"].backward(), runtime.as_float(x_dev[:8]))
     return {"fast": fast, "naive": naive, "flops_per_image": flops, "warmup_s": warmup_s, "compiled": net.active}
 
 
 def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile_on: bool) -> dict:
     """Fine-tune (frozen=False) or probe (frozen=True) throughput at `patch`."""
-    cfg = ViTConfig(
-        p.data.image_size,
-        d["x_train"].shape[1],
-        patch,
-        p.model.dim,
-        p.model.depth,
-        p.model.heads,
-        p.model.mlp_ratio,
-        tuple(map(float, d["mean"])),
-        tuple(map(float, d["std"])),
-    )
+    cfg = params_mod.vit_config(p, patch, d)
     classes = len(d["classes"])
 
     def make():
@@ -206,14 +185,14 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile
     naive = _naive_throughput(naive_loss, opt, images, labels, device, steps)
 
     clf, trainable = make()
-    opt = engine.make_optimizer("adamw", engine.param_groups(trainable, 1e-4, 0.0), device)
-    x_dev, y_dev = engine.to_device(images[:n], device), engine.to_device(labels[:n], device)
+    opt = optim.make_optimizer("adamw", optim.param_groups(trainable, 1e-4, 0.0), device)
+    x_dev, y_dev = runtime.to_device(images[:n], device), runtime.to_device(labels[:n], device)
     net = None
     if frozen:
         # maepipe's probe: features once, then the head trains on them (see stages/probe.py).
         def epoch():
-            feats = engine.predict(clf.features, x_dev, BATCH, device, mixed_precision=True)
-            engine.fit_classifier(
+            feats = loop.predict(clf.features, x_dev, BATCH, device, mixed_precision=True)
+            loop.fit_classifier(
                 stage="bench",
                 module=clf.head,
                 forward=clf.head,
@@ -230,15 +209,14 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile
                 on_epoch=lambda e, m: None,
             )
     else:
-        net = engine.Compiled(clf, compile_on, "bench")
+        net = runtime.Compiled(clf, compile_on, "bench")
 
         def epoch():
-            engine.fit_classifier(
+            loop.fit_classifier(
                 stage="bench",
                 module=clf,
-                forward=lambda u8: net(engine.as_float(u8)),
-                eval_forward=lambda u8: clf(engine.as_float(u8)),
-                compiled=net,
+                forward=lambda u8: net(runtime.as_float(u8)),
+                eval_forward=lambda u8: clf(runtime.as_float(u8)),
                 optimizer=opt,
                 x_train=x_dev,
                 y_train=y_dev,
@@ -268,7 +246,7 @@ def peak_flops(name: str) -> float | None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    ap = cli.Parser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=None, help="timed batches per row (default: 8 CPU, 50 CUDA)")
     ap.add_argument("--patches", default="2,4,7,14")
@@ -280,71 +258,70 @@ def main(argv=None) -> int:
         help="torch.compile maepipe's step (default: params.yaml's `compile`; auto = CUDA only)",
     )
     args = ap.parse_args(argv)
-    try:
-        p = params_mod.load(args.params)
-        device = engine.setup(p.device, p.seed)
-        from .stages import PRETRAIN_DATA
+    return cli.guarded(lambda: _bench(args))
 
-        d = data.load_prepared(PRETRAIN_DATA)
-        patches = [int(x) for x in args.patches.split(",")]
-        for patch in patches:
-            params_mod.check_cell(p, patch, 0.5, what="bench")
-    except UserError as e:
-        print(f"maepipe: error: {e}", file=sys.stderr)
-        return 2
+
+def _bench(args) -> int:
+    p = params_mod.load(args.params)
+    device = runtime.setup(p.device, p.seed)
+    d = data.load_prepared(PRETRAIN_DATA)
+    patches = [int(x) for x in args.patches.split(",")]
+    for patch in patches:
+        params_mod.check_cell(p, patch, 0.5, what="bench")
     steps = args.steps or (50 if device.type == "cuda" else 8)
     if len(d["x_train"]) < (steps + 4) * BATCH:
-        print(
-            f"maepipe: error: bench needs {(steps + 4) * BATCH} training images, {PRETRAIN_DATA} has "
-            f"{len(d['x_train'])}; lower --steps",
-            file=sys.stderr,
+        raise UserError(
+            f"bench needs {(steps + 4) * BATCH} training images, {PRETRAIN_DATA} has {len(d['x_train'])}; lower --steps"
         )
-        return 2
     setting = p.compile if args.compile is None else {"true": True, "false": False}.get(args.compile, "auto")
-    compile_on = engine.want_compile(setting, device)
+    compile_on = runtime.want_compile(setting, device)
     name = device_name(device)
-    precision = "bf16 autocast (maepipe) / fp32 (naive)" if device.type == "cuda" else "fp32"
     peak = peak_flops(name) if device.type == "cuda" else None
     rows = []
     for patch in patches:
         r = bench_pretrain(p, d, patch, 0.5, device, steps, compile_on)
         achieved = r["fast"] * r["flops_per_image"]
-        rows.append(
-            {
-                "what": f"MAE pretrain p{patch}-m0.5",
-                "naive_img_s": r["naive"],
-                "maepipe_img_s": r["fast"],
-                "ratio": r["fast"] / r["naive"],
-                "gflop_per_img": r["flops_per_image"] / 1e9,
-                "achieved_tflop_s": achieved / 1e12,
-                "mfu": achieved / peak if peak else None,
-                "compiled": r["compiled"],
-                "warmup_s": r["warmup_s"],
-            }
-        )
+        rows.append(_row(f"MAE pretrain p{patch}-m0.5", r, r["flops_per_image"] / 1e9, achieved, peak))
         print(_fmt_row(rows[-1]), flush=True)
     ft_patch = p.patch if p.patch != "auto" else patches[-1]
     for what, frozen in (("probe", True), ("finetune", False)):
         r = bench_classifier(p, d, ft_patch, device, steps, frozen, compile_on)
-        rows.append(
-            {
-                "what": f"{what} epoch p{ft_patch}",
-                "naive_img_s": r["naive"],
-                "maepipe_img_s": r["fast"],
-                "ratio": r["fast"] / r["naive"],
-                "gflop_per_img": None,
-                "achieved_tflop_s": None,
-                "mfu": None,
-                "compiled": r["compiled"],
-                "warmup_s": r["warmup_s"],
-            }
-        )
+        rows.append(_row(f"{what} epoch p{ft_patch}", r, None, None, None))
         print(_fmt_row(rows[-1]), flush=True)
+    out = _write(p, args.out, device, name, compile_on, steps, peak, rows)
+    precision = _precision(device)
+    print(
+        f"\n{name} ({device.type}), torch {torch.__version__}, {precision}, "
+        f"torch.compile {'on' if compile_on else 'off'}, {torch.get_num_threads()} threads"
+        f" -> {out}"
+    )
+    return 0
+
+
+def _precision(device) -> str:
+    return "bf16 autocast (maepipe) / fp32 (naive)" if device.type == "cuda" else "fp32"
+
+
+def _row(what: str, r: dict, gflop: float | None, achieved: float | None, peak: float | None) -> dict:
+    return {
+        "what": what,
+        "naive_img_s": r["naive"],
+        "maepipe_img_s": r["fast"],
+        "ratio": r["fast"] / r["naive"],
+        "gflop_per_img": gflop,
+        "achieved_tflop_s": achieved / 1e12 if achieved is not None else None,
+        "mfu": achieved / peak if peak and achieved is not None else None,
+        "compiled": r["compiled"],
+        "warmup_s": r["warmup_s"],
+    }
+
+
+def _write(p, out_dir: str, device, name: str, compile_on: bool, steps: int, peak, rows: list[dict]) -> Path:
     result = {
         "device": name,
         "device_type": device.type,
         "torch": torch.__version__,
-        "precision": precision,
+        "precision": _precision(device),
         "compile": compile_on,
         "threads": torch.get_num_threads(),
         "batch_size": BATCH,
@@ -361,17 +338,12 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     slug = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    if compile_on != engine.want_compile("auto", device):
+    if compile_on != runtime.want_compile("auto", device):
         slug += "-compile" if compile_on else "-eager"
-    out = Path(args.out) / f"results-{slug}.json"
+    out = Path(out_dir) / f"results-{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(
-        f"\n{name} ({device.type}), torch {torch.__version__}, {precision}, "
-        f"torch.compile {'on' if compile_on else 'off'}, {torch.get_num_threads()} threads"
-        f" -> {out}"
-    )
-    return 0
+    return out
 
 
 def _fmt_row(r: dict) -> str:

@@ -1,3 +1,5 @@
+"""The runtime (device, compile fallback), the optimizers and schedules, and the training loop."""
+
 import math
 import os
 import shutil
@@ -6,14 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pipeline import engine
+from pipeline import loop, optim, runtime
 from pipeline.errors import UserError
 
 
 def test_lars_step_matches_hand_computation():
     w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # |w| = 5
     b = nn.Parameter(torch.tensor([1.0]))
-    opt = engine.LARS([{"params": [w, b], "lr": 0.5, "weight_decay": 0.1}], lr=0.5)
+    opt = optim.LARS([{"params": [w, b], "lr": 0.5, "weight_decay": 0.1}], lr=0.5)
     w.grad = torch.tensor([[0.0, 1.0]])
     b.grad = torch.tensor([2.0])
     opt.step()
@@ -32,7 +34,7 @@ def test_layer_decay_groups_scale_lr_by_depth():
     from pipeline.model import Encoder, ViTConfig
 
     enc = Encoder(ViTConfig(16, 1, 4, 32, 3, 2))
-    groups = engine.layer_decay_groups(enc, 1.0, 0.05, 0.5)
+    groups = optim.layer_decay_groups(enc, 1.0, 0.05, 0.5)
     lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert len(lr_of) == sum(1 for _ in enc.parameters())  # every parameter, once
     # 3 blocks: embedding 0.5^4, block i (0-based) 0.5^(3 - i), final norm 0.5^0.
@@ -42,12 +44,12 @@ def test_layer_decay_groups_scale_lr_by_depth():
         assert lr_of[id(block.attn.qkv.weight)] == (0.5 ** (3 - i), 0.05)
         assert lr_of[id(block.norm1.bias)] == (0.5 ** (3 - i), 0.0)
     assert lr_of[id(enc.norm.weight)] == (1.0, 0.0)
-    assert {g["lr"] for g in engine.layer_decay_groups(enc, 2.0, 0.05, 1.0)} == {2.0}
+    assert {g["lr"] for g in optim.layer_decay_groups(enc, 2.0, 0.05, 1.0)} == {2.0}
 
 
 def test_fixed_steps_stream_full_batches_across_permutations():
     gen = torch.Generator().manual_seed(0)
-    stream = engine._batch_stream(10, 4, torch.device("cpu"), gen)
+    stream = loop._batch_stream(10, 4, torch.device("cpu"), gen)
     batches = [next(stream) for _ in range(5)]  # 20 indices: exactly two permutations of 10
     assert all(len(b) == 4 for b in batches)
     flat = torch.cat(batches)
@@ -57,7 +59,7 @@ def test_fixed_steps_stream_full_batches_across_permutations():
 def test_warmup_cosine():
     p = nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
-    sched = engine.warmup_cosine(opt, total_steps=10, warmup_steps=2)
+    sched = optim.warmup_cosine(opt, total_steps=10, warmup_steps=2)
     lrs = []
     for _ in range(10):
         lrs.append(opt.param_groups[0]["lr"])
@@ -73,7 +75,7 @@ def test_param_groups_exclude_norms_and_tokens():
     from pipeline.model import Encoder, ViTConfig
 
     enc = Encoder(ViTConfig(16, 1, 4, 32, 1, 2))
-    decay, no_decay = engine.param_groups(enc, 0.1, 0.05)
+    decay, no_decay = optim.param_groups(enc, 0.1, 0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"])
     assert any(p is enc.cls_token for p in no_decay["params"])
@@ -82,8 +84,8 @@ def test_param_groups_exclude_norms_and_tokens():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(UserError, match="device = 'cuda'"):
-        engine.resolve_device("cuda")
-    assert engine.resolve_device("auto").type in ("cpu", "mps")
+        runtime.resolve_device("cuda")
+    assert runtime.resolve_device("auto").type in ("cpu", "mps")
 
 
 def _toy_fit(lr: float, seed: int = 0):
@@ -92,8 +94,8 @@ def _toy_fit(lr: float, seed: int = 0):
     x = torch.randn(64, 3)
     y = (x[:, 0] > 0).long()
     model = nn.Linear(3, 2)
-    opt = engine.make_optimizer("sgd", engine.param_groups(model, lr, 0.0), device)
-    return engine.fit_classifier(
+    opt = optim.make_optimizer("sgd", optim.param_groups(model, lr, 0.0), device)
+    return loop.fit_classifier(
         stage="toy",
         module=model,
         forward=model,
@@ -118,37 +120,37 @@ def test_fit_is_deterministic_and_learns():
 
 
 def test_nan_loss_stops_with_clear_error():
-    with pytest.raises(engine.Diverged, match=r"toy: the training loss became (nan|inf) in epoch \d"):
+    with pytest.raises(loop.Diverged, match=r"toy: the training loss became (nan|inf) in epoch \d"):
         _toy_fit(1e38)
 
 
 def test_unknown_optimizer():
     with pytest.raises(UserError, match="optimizer"):
-        engine.make_optimizer("adagrad", [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}], torch.device("cpu"))
+        optim.make_optimizer("adagrad", [{"params": [nn.Parameter(torch.zeros(1))], "lr": 1.0}], torch.device("cpu"))
 
 
 def test_batch_indices_cover_each_sample_once():
     g = torch.Generator().manual_seed(0)
-    chunks = engine.batch_indices(100, 32, torch.device("cpu"), g)
+    chunks = loop.batch_indices(100, 32, torch.device("cpu"), g)
     # 100 = 3 * 32 + 4: the ragged tail is dropped, so every step has one shape.
     assert [len(c) for c in chunks] == [32, 32, 32]
     assert len(set(torch.cat(chunks).tolist())) == 96
-    assert [len(c) for c in engine.batch_indices(80, 32, torch.device("cpu"), g)] == [32, 32]
+    assert [len(c) for c in loop.batch_indices(80, 32, torch.device("cpu"), g)] == [32, 32]
     # Fewer samples than a batch: one batch of all of them, not an empty epoch.
-    assert [len(c) for c in engine.batch_indices(10, 32, torch.device("cpu"), g)] == [10]
+    assert [len(c) for c in loop.batch_indices(10, 32, torch.device("cpu"), g)] == [10]
 
 
 def test_lr_is_per_256_images():
-    assert engine.scaled_lr(4e-3, 128) == 2e-3
-    assert engine.scaled_lr(4.0, 256) == 4.0
-    assert engine.scaled_lr(1e-3, 1024) == pytest.approx(4e-3)
+    assert optim.scaled_lr(4e-3, 128) == 2e-3
+    assert optim.scaled_lr(4.0, 256) == 4.0
+    assert optim.scaled_lr(1e-3, 1024) == pytest.approx(4e-3)
 
 
 def test_compile_auto_is_cuda_only():
-    assert engine.want_compile("auto", torch.device("cuda")) is True
-    assert engine.want_compile("auto", torch.device("cpu")) is False
-    assert engine.want_compile(True, torch.device("cpu")) is True
-    assert engine.want_compile(False, torch.device("cuda")) is False
+    assert runtime.want_compile("auto", torch.device("cuda")) is True
+    assert runtime.want_compile("auto", torch.device("cpu")) is False
+    assert runtime.want_compile(True, torch.device("cpu")) is True
+    assert runtime.want_compile(False, torch.device("cuda")) is False
 
 
 # A tiny ViT classifier trained for two epochs, in a fresh process: torch.compile's caches and
@@ -156,17 +158,17 @@ def test_compile_auto_is_cuda_only():
 # really compiles.
 _VIT_FIT = """
 import json, sys, torch
-from pipeline import engine
+from pipeline import loop, optim, runtime
 from pipeline.model import Classifier, Encoder, ViTConfig
 torch.manual_seed(0)
 device = torch.device("cpu")
 x = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
 y = (x.float().mean((1, 2, 3)) > 127.5).long()
 clf = Classifier(Encoder(ViTConfig(8, 1, 4, 16, 1, 2)), 2, pool="mean")
-opt = engine.make_optimizer("adamw", engine.param_groups(clf, 1e-3, 0.05), device)
-net = engine.Compiled(clf, sys.argv[1] == "true", "toy")
-hist = engine.fit_classifier(stage="toy", module=clf, forward=lambda u8: net(engine.as_float(u8)),
-                             eval_forward=lambda u8: clf(engine.as_float(u8)), compiled=net, optimizer=opt,
+opt = optim.make_optimizer("adamw", optim.param_groups(clf, 1e-3, 0.05), device)
+net = runtime.Compiled(clf, sys.argv[1] == "true", "toy")
+hist = loop.fit_classifier(stage="toy", module=clf, forward=lambda u8: net(runtime.as_float(u8)),
+                             eval_forward=lambda u8: clf(runtime.as_float(u8)), optimizer=opt,
                              x_train=x, y_train=y, x_val=x, y_val=y, epochs=2, batch_size=16,
                              warmup_epochs=0, device=device, seed=0, on_epoch=lambda e, m: None)
 print("HISTORY", json.dumps(hist))
@@ -220,17 +222,39 @@ def test_failed_compile_falls_back_to_eager(tmp_path):
     assert fallback == eager
 
 
-def test_only_a_first_step_compile_failure_falls_back():
-    """An out-of-memory error or a bug must surface, not be retried eagerly, and nothing falls
-    back once a compiled step has completed."""
+def test_only_a_first_call_compile_failure_falls_back():
+    """The wrapper owns its fallback: a compile failure in the first call is noted and the same
+    call made eagerly; an out-of-memory error or a bug surfaces as it is, and nothing falls back
+    once a call has completed."""
     from torch._dynamo.exc import TorchDynamoException
 
-    net = engine.Compiled(nn.Linear(2, 2), True, "toy")
-    assert net.can_fall_back(TorchDynamoException("inductor could not build a kernel"))
-    assert not net.can_fall_back(RuntimeError("CUDA out of memory"))
-    net.settled = True
-    assert not net.can_fall_back(TorchDynamoException("a recompile failed later"))
-    assert not engine.Compiled(nn.Linear(2, 2), False, "toy").can_fall_back(TorchDynamoException("x"))
+    def failing(error):
+        def fn(*args):
+            raise error
+
+        return fn
+
+    eager = nn.Linear(2, 2)
+    x = torch.randn(3, 2)
+    net = runtime.Compiled(eager, True, "toy")
+    net.fn = failing(TorchDynamoException("inductor could not build a kernel"))
+    torch.testing.assert_close(net(x), eager(x))  # redone eagerly
+    assert (net.active, net.settled, net.fn) == (False, True, eager)
+
+    net = runtime.Compiled(eager, True, "toy")
+    net.fn = failing(RuntimeError("CUDA out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        net(x)
+    assert net.active and not net.settled
+
+    net = runtime.Compiled(eager, True, "toy")
+    net.fn = eager
+    net(x)
+    net.fn = failing(TorchDynamoException("a recompile failed later"))
+    with pytest.raises(TorchDynamoException):
+        net(x)
+    off = runtime.Compiled(eager, False, "toy")
+    assert off.settled and not off.can_fall_back(TorchDynamoException("x"))
 
 
 def test_torchrun_batch_must_split_evenly(monkeypatch):
@@ -238,10 +262,10 @@ def test_torchrun_batch_must_split_evenly(monkeypatch):
     processes would weight one process's images twice as much."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     model = nn.Linear(3, 2)
-    opt = engine.make_optimizer("sgd", engine.param_groups(model, 0.1, 0.0), torch.device("cpu"))
+    opt = optim.make_optimizer("sgd", optim.param_groups(model, 0.1, 0.0), torch.device("cpu"))
     x, y = torch.randn(12, 3), torch.zeros(12, dtype=torch.long)
     with pytest.raises(UserError, match="batch size 3 is not a multiple of the 2 torchrun processes"):
-        engine.fit_classifier(
+        loop.fit_classifier(
             stage="toy",
             module=model,
             forward=model,

@@ -1,6 +1,7 @@
-"""A shared MLflow tracking server on PostgreSQL: `python -m pipeline.server` (`make mlflow-server`).
+"""A shared MLflow tracking server on PostgreSQL: `python -m tools.tracking_server` from the repo root
+(`make mlflow-server`). A team tool beside the pipeline, not part of it: no stage imports it.
 
-    python -m pipeline.server [--dir .mlflow-server] [--host 127.0.0.1] [--port 5001] [--pg-port 5433]
+    python -m tools.tracking_server [--dir .mlflow-server] [--host 127.0.0.1] [--port 5001] [--pg-port 5433]
 
 Everything lives in `--dir`: a PostgreSQL cluster (`pgdata/`, created on first use with Debian's
 `/usr/lib/postgresql/<version>/bin/initdb`, listening on 127.0.0.1 only, its unix socket in
@@ -12,12 +13,12 @@ foreground; Ctrl-C or SIGTERM stops it, then PostgreSQL. The pipeline logs there
 As root, PostgreSQL (which refuses to run as root) runs as the `postgres` system user that
 Debian's package creates, through `runuser`; the data directory is owned by that user.
 
-`running(...)` is the same thing as a context manager (free ports by default), for tests.
+`running(...)` is the same thing as a context manager (free ports by default), for tests; their
+`free_port()` (tests/conftest.py) is this module's.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import glob
@@ -40,7 +41,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from .errors import UserError
+from pipeline import cli
+from pipeline.errors import UserError
 
 INSTALL_HINT = (
     "install it with `sudo apt-get install postgresql` (Debian/Ubuntu), or run "
@@ -112,6 +114,7 @@ def _system_user() -> pwd.struct_passwd | None:
 
 
 def free_port(host: str = PG_HOST) -> int:
+    """A TCP port free on `host` now (the kernel's pick; another process may take it before we do)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -409,7 +412,15 @@ def stop_process(process: subprocess.Popen, timeout: float = 20) -> None:
 
 @contextlib.contextmanager
 def _no_interrupts() -> Iterator[None]:
-    """Let teardown finish: a second Ctrl-C must not leave PostgreSQL running."""
+    """Let teardown finish: a second Ctrl-C must not leave PostgreSQL running.
+
+    Ignoring the signals, not pipeline/signals.py's `held()`: held() only defers what its own
+    handler receives, so it works once `cli.guarded` has installed that handler (`main`), but
+    `running()` is also used without it (tests/test_tracking_server.py, any other caller), where
+    under Python's default handlers a Ctrl-C would still raise mid-teardown and a SIGTERM kill us
+    outright, leaving PostgreSQL running. SIG_IGN is right in both cases. Under `main` the only
+    difference is that a signal during teardown is dropped instead of raised afterwards; we are
+    stopping anyway."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -503,22 +514,9 @@ def running(
 # --- the command --------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"maepipe: error: {message}\n")
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(
-        prog="python -m pipeline.server",
+    parser = cli.Parser(
+        prog="python -m tools.tracking_server",
         description="An MLflow tracking server on PostgreSQL, serving artifacts itself.",
     )
     parser.add_argument(
@@ -540,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         parser.error(f"argument --workers: {args.workers} is not a positive number")
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
+    def serve() -> int:
         with running(
             args.dir,
             host=args.host,
@@ -560,14 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             raise UserError(f"mlflow server exited with code {code}")
         return 0
-    except UserError as e:
-        print(f"maepipe: error: {e}", file=sys.stderr)
-        return 2
-    except (KeyboardInterrupt, _Terminated):
-        print("maepipe: stopped the MLflow server and PostgreSQL", file=sys.stderr)
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+
+    # Ctrl-C / SIGTERM: stop the server and PostgreSQL (running()'s teardown), say so, exit 0.
+    return cli.guarded(serve, on_stop="stopped the MLflow server and PostgreSQL")
 
 
 if __name__ == "__main__":
