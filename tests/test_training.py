@@ -88,10 +88,10 @@ def test_cuda_without_gpu_is_a_clear_error():
     assert runtime.resolve_device("auto").type in ("cpu", "mps")
 
 
-def _toy_fit(lr: float, seed: int = 0):
+def _toy_fit(lr: float, seed: int = 0, n: int = 64, epochs: int = 3, batch_size: int = 16):
     torch.manual_seed(seed)
     device = torch.device("cpu")
-    x = torch.randn(64, 3)
+    x = torch.randn(n, 3)
     y = (x[:, 0] > 0).long()
     model = nn.Linear(3, 2)
     opt = optim.make_optimizer("sgd", optim.param_groups(model, lr, 0.0), device)
@@ -104,8 +104,8 @@ def _toy_fit(lr: float, seed: int = 0):
         y_train=y,
         x_val=x,
         y_val=y,
-        epochs=3,
-        batch_size=16,
+        epochs=epochs,
+        batch_size=batch_size,
         warmup_epochs=0.5,
         device=device,
         seed=seed,
@@ -261,23 +261,5 @@ def test_torchrun_batch_must_split_evenly(monkeypatch):
     """Under torchrun each process trains on its slice of the global batch: 3 images over 2
     processes would weight one process's images twice as much."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    model = nn.Linear(3, 2)
-    opt = optim.make_optimizer("sgd", optim.param_groups(model, 0.1, 0.0), torch.device("cpu"))
-    x, y = torch.randn(12, 3), torch.zeros(12, dtype=torch.long)
     with pytest.raises(UserError, match="batch size 3 is not a multiple of the 2 torchrun processes"):
-        loop.fit_classifier(
-            stage="toy",
-            module=model,
-            forward=model,
-            optimizer=opt,
-            x_train=x,
-            y_train=y,
-            x_val=x,
-            y_val=y,
-            epochs=1,
-            batch_size=3,
-            warmup_epochs=0,
-            device=torch.device("cpu"),
-            seed=0,
-            on_epoch=lambda e, m: None,
-        )
+        _toy_fit(0.1, n=12, epochs=1, batch_size=3)

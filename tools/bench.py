@@ -190,45 +190,37 @@ def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile
     net = None
     if frozen:
         # maepipe's probe: features once, then the head trains on them (see stages/probe.py).
-        def epoch():
-            feats = loop.predict(clf.features, x_dev, BATCH, device, mixed_precision=True)
-            loop.fit_classifier(
-                stage="bench",
-                module=clf.head,
-                forward=clf.head,
-                optimizer=opt,
-                x_train=feats,
-                y_train=y_dev,
-                x_val=feats[:BATCH],
-                y_val=y_dev[:BATCH],
-                epochs=1,
-                batch_size=BATCH,
-                warmup_epochs=0,
-                device=device,
-                seed=0,
-                on_epoch=lambda e, m: None,
-            )
+        module, forward, eval_forward = clf.head, clf.head, None
+
+        def inputs():
+            return loop.predict(clf.features, x_dev, BATCH, device, mixed_precision=True)
     else:
         net = runtime.Compiled(clf, compile_on, "bench")
+        module, forward = clf, lambda u8: net(runtime.as_float(u8))
+        eval_forward = lambda u8: clf(runtime.as_float(u8))  # noqa: E731
 
-        def epoch():
-            loop.fit_classifier(
-                stage="bench",
-                module=clf,
-                forward=lambda u8: net(runtime.as_float(u8)),
-                eval_forward=lambda u8: clf(runtime.as_float(u8)),
-                optimizer=opt,
-                x_train=x_dev,
-                y_train=y_dev,
-                x_val=x_dev[:BATCH],
-                y_val=y_dev[:BATCH],
-                epochs=1,
-                batch_size=BATCH,
-                warmup_epochs=0,
-                device=device,
-                seed=0,
-                on_epoch=lambda e, m: None,
-            )
+        def inputs():
+            return x_dev
+
+    def epoch():
+        x = inputs()
+        loop.fit_classifier(
+            stage="bench",
+            module=module,
+            forward=forward,
+            eval_forward=eval_forward,
+            optimizer=opt,
+            x_train=x,
+            y_train=y_dev,
+            x_val=x[:BATCH],
+            y_val=y_dev[:BATCH],
+            epochs=1,
+            batch_size=BATCH,
+            warmup_epochs=0,
+            device=device,
+            seed=0,
+            on_epoch=lambda e, m: None,
+        )
 
     fast, warmup_s = _fit_throughput(epoch, n, device)
     return {"fast": fast, "naive": naive, "warmup_s": warmup_s, "compiled": bool(net and net.active)}
