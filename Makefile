@@ -14,8 +14,10 @@ run: setup
 
 # The team tests (PostgreSQL tracking server, headless Chromium) need system packages: installed
 # here when we are root with apt-get; elsewhere those tests skip and say how to install them.
+# Two pytest-xdist workers, each pinned to its own cores (tests/conftest.py), work-stealing the
+# long end-to-end tests; the session's tiny pipeline is built once and shared.
 test: setup team-deps browser-deps compiler
-	pytest -q
+	pytest -q -n 2 --dist worksteal
 
 # Lint and format check (ruff.toml); `.ci/run` runs it before the tests. `ruff format .` fixes format.
 lint: setup

@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES + ("preset",))
     parser.add_argument("name", nargs="?", help="preset name (for `preset`)")
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--marker", help="validate / budget: write this constant file when the check passes")
+    parser.add_argument("--marker", help="validate: write this constant file when the check passes")
     parser.add_argument("--patch", type=number(int), help="pretrain: the cell's patch size")
     parser.add_argument("--mask", type=number(float), help="pretrain: the cell's mask ratio")
+    parser.add_argument("--rep", type=number(int), help="pretrain_full: the repetition (one of `repetitions`)")
     parser.add_argument(
         "--init",
         choices=("pretrained", "random"),
@@ -62,13 +63,17 @@ def _run(args) -> int:
     if args.stage == "pretrain" and (args.patch is None or args.mask is None):
         raise UserError("pretrain needs --patch and --mask (one grid cell)")
     p = params_mod.load(args.params)
+    if args.stage == "pretrain_full" and args.rep not in p.repetitions:
+        raise UserError(f"pretrain_full needs --rep, one of repetitions {list(p.repetitions)}; got {args.rep}")
     stage = importlib.import_module(f".stages.{args.stage}", __package__)
     if args.stage == "validate":
         stage.run(p, Path(args.marker) if args.marker else None, args.params)
     elif args.stage == "budget":
-        stage.run(p, Path(args.marker or "data/budget.ok"))
+        stage.run(p, importlib.import_module(".stages", __package__).REPETITIONS)
     elif args.stage == "pretrain":
         stage.run(p, args.patch, args.mask)
+    elif args.stage == "pretrain_full":
+        stage.run(p, args.rep)
     elif args.stage in ("probe", "finetune"):
         stage.run(p, args.init)
     else:

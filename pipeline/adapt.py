@@ -18,7 +18,7 @@ import dataclasses
 
 import torch
 
-from .model import Encoder
+from .model import Encoder, ViTConfig
 
 
 def inflate_patch_weight(weight: torch.Tensor, patch: int, old_channels: int, new_channels: int) -> torch.Tensor:
@@ -38,9 +38,9 @@ def inflate_patch_weight(weight: torch.Tensor, patch: int, old_channels: int, ne
     return w.reshape(dim, patch * patch * new_channels).contiguous()
 
 
-def adapt_encoder(encoder: Encoder, channels: int, image_size: int, mean, std) -> Encoder:
-    """A new Encoder for `channels` x `image_size` inputs with `encoder`'s weights carried over."""
-    cfg = encoder.cfg
+def adapted_config(cfg: ViTConfig, channels: int, image_size: int, mean, std) -> ViTConfig:
+    """The architecture an encoder of `cfg` has once adapted to `channels` x `image_size` inputs
+    (what the random-weight controls are built as)."""
     if image_size % cfg.patch:
         raise ValueError(f"image size {image_size} is not a multiple of the encoder's patch {cfg.patch}")
     new_cfg = dataclasses.replace(
@@ -53,6 +53,13 @@ def adapt_encoder(encoder: Encoder, channels: int, image_size: int, mean, std) -
     )
     if new_cfg.pos_grid == new_cfg.grid:
         new_cfg = dataclasses.replace(new_cfg, pos_grid=0)
+    return new_cfg
+
+
+def adapt_encoder(encoder: Encoder, channels: int, image_size: int, mean, std) -> Encoder:
+    """A new Encoder for `channels` x `image_size` inputs with `encoder`'s weights carried over."""
+    cfg = encoder.cfg
+    new_cfg = adapted_config(cfg, channels, image_size, mean, std)
     state = dict(encoder.state_dict())
     state["patch_embed.weight"] = inflate_patch_weight(state["patch_embed.weight"], cfg.patch, cfg.channels, channels)
     new = Encoder(new_cfg).to(device=encoder.cls_token.device, dtype=encoder.cls_token.dtype)

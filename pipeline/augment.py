@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-AUGMENTS = ("shift", "crop", "flip")
+from .choices import AUGMENTS
 
 _CROP_AREA = (0.6, 1.0)
 _CROP_LOG_RATIO = (math.log(3 / 4), math.log(4 / 3))

@@ -58,12 +58,12 @@ def heatmap_figure(
     values: np.ndarray,
     rows: Sequence,
     cols: Sequence,
-    chosen: tuple[int, int],
+    chosen: Sequence[tuple[int, int]],
     title: str,
     path: Path,
     higher_is_better: bool = False,
 ) -> None:
-    """values[i, j] for patch rows[i] and mask cols[j]; the chosen cell is boxed. Better is darker."""
+    """values[i, j] for patch rows[i] and mask cols[j]; the chosen cells are boxed. Better is darker."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 1.5, 1.0 * len(rows) + 1.0))
     im = ax.imshow(values, cmap="viridis" if higher_is_better else "viridis_r")
@@ -78,8 +78,8 @@ def heatmap_figure(
                 fontsize=8,
                 color="white" if (values[i, j] < np.nanmean(values)) == higher_is_better else "black",
             )
-    ci, cj = chosen
-    ax.add_patch(plt.Rectangle((cj - 0.5, ci - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+    for ci, cj in chosen:
+        ax.add_patch(plt.Rectangle((cj - 0.5, ci - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
     ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
     ax.set_xlabel("mask ratio"), ax.set_ylabel("patch size")

@@ -8,9 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOSSES = ("mse", "norm_pix", "bce")
-HEADS = ("linear", "mlp")
-POOLS = ("cls", "mean")
+from .choices import HEADS, LOSSES, POOLS, num_visible
 
 
 @dataclass(frozen=True)
@@ -83,13 +81,6 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int) -> torch.Tensor
     g = int(round(n**0.5))
     x = patches.reshape(b, g, g, patch, patch, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, g * patch, g * patch)
-
-
-def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """Patches the encoder sees: hide floor(L * ratio), so any ratio < 1 leaves one visible.
-
-    With few patches the effective ratio is quantised (4 patches: 0.5 and 0.7 both hide 2)."""
-    return num_patches - int(num_patches * mask_ratio + 1e-9)
 
 
 class Attention(nn.Module):

@@ -14,9 +14,8 @@ from typing import Any
 
 import yaml
 
-from .augment import AUGMENTS
+from .choices import AUGMENTS, HEADS, LOSSES, POOLS, num_visible
 from .errors import UserError
-from .model import HEADS, LOSSES, POOLS, ViTConfig, num_visible
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -269,7 +268,9 @@ class DownstreamParams:
     image_size: Any = _field(same_or(pos_int), "same")
     # The labelled training images: this many per class, drawn with the seed (all: every one).
     labels_per_class: Any = _field(count_or_all, "all")
-    seeds: int = _field(pos_int, 1)
+    # The share of each repetition's budget held out from training: the run's own choices (the
+    # registry champion) are scored on it, never on val.
+    dev_fraction: float = _field(fraction, 0.1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -280,10 +281,21 @@ class SelectParams:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ProbeParams:
+class TrainLength:
+    """How long a classifier trains, by one rule for every arm and budget: `epochs` passes over its
+    training labels, but never fewer than `min_steps` steps (a small budget is not starved)."""
+
+    min_steps: int = _field(pos_int)
+    epochs: float = _field(pos_float)
+
+    def steps_for(self, n_train: int) -> int:
+        return max(self.min_steps, math.ceil(self.epochs * n_train / self.batch_size))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeParams(TrainLength):
     head: str = _field(choice(*HEADS), "linear")
     optimizer: str = _field(choice(*OPTIMIZERS), "lars")
-    steps: int = _field(pos_int)
     batch_size: int = _field(batch_int)
     lr: float = _field(pos_float)
     weight_decay: float = _field(nonneg_float, 0.0)
@@ -292,10 +304,9 @@ class ProbeParams:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneParams:
+class FinetuneParams(TrainLength):
     head: str = _field(choice(*HEADS), "linear")
     optimizer: str = _field(choice(*OPTIMIZERS), "adamw")
-    steps: int = _field(pos_int)
     batch_size: int = _field(batch_int)
     lr_encoder: float = _field(pos_float)
     lr_head: float = _field(pos_float)
@@ -316,6 +327,7 @@ class MlflowParams:
 @dataclass(frozen=True, kw_only=True)
 class Params:
     seed: int = _field(seed_int)
+    repetitions: tuple = _field(list_of(nonneg_int))
     device: str = _field(choice(*DEVICES))
     compile: Any = _field(auto_or_bool, "auto")
     patch: Any = _field(auto_or(pos_int))
@@ -341,10 +353,6 @@ class Params:
     @property
     def downstream_size(self) -> int:
         return self.data.image_size if self.downstream.image_size == "same" else self.downstream.image_size
-
-    def downstream_seeds(self) -> list[int]:
-        """One seed per downstream repetition (label subset, head init, batch order, augmentation)."""
-        return [self.seed + 1000 * k for k in range(self.downstream.seeds)]
 
 
 def cell_name(patch: int, mask_ratio: float) -> str:
@@ -487,9 +495,10 @@ def validate(p: Params) -> Params:
             )
     for section in ("probe", "finetune"):
         s = getattr(p, section)
-        if s.warmup_steps >= s.steps:
+        if s.warmup_steps >= s.min_steps:
             raise UserError(
-                f"params: {section}.warmup_steps = {s.warmup_steps}: must be less than {section}.steps = {s.steps}"
+                f"params: {section}.warmup_steps = {s.warmup_steps}: must be less than "
+                f"{section}.min_steps = {s.min_steps}"
             )
     if p.patch != "auto":
         check_downstream_size(p, p.patch)
@@ -530,20 +539,3 @@ def load(path: str | Path = "params.yaml") -> Params:
             f"params: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or str(e).splitlines()[0]}"
         ) from None
     return parse(raw)
-
-
-def vit_config(p: Params, patch: int, d: dict) -> ViTConfig:
-    """The one place params become a ViT: `model.*` at `patch`, for the prepared images `d`
-    (their size, channels and normalisation)."""
-    m = p.model
-    return ViTConfig(
-        p.data.image_size,
-        d["x_train"].shape[1],
-        patch,
-        m.dim,
-        m.depth,
-        m.heads,
-        m.mlp_ratio,
-        tuple(float(x) for x in d["mean"]),
-        tuple(float(x) for x in d["std"]),
-    )

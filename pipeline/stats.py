@@ -105,11 +105,10 @@ def mcnemar(correct_a, correct_b) -> dict:
     c = int(np.count_nonzero(~a & bb))
     if b + c == 0:
         return {"b": 0, "c": 0, "p": 1.0}
-    from scipy.stats import binom
+    from scipy.stats import binomtest
 
-    # Binomial(., 0.5) is symmetric, so doubling one tail is the exact two-sided p-value.
-    p = min(1.0, 2.0 * float(binom.cdf(min(b, c), b + c, 0.5)))
-    return {"b": b, "c": c, "p": p}
+    # Under the null each discordant image is a fair coin: the exact two-sided binomial test.
+    return {"b": b, "c": c, "p": float(binomtest(b, b + c, 0.5).pvalue)}
 
 
 def mean_sd(values) -> tuple[float, float]:

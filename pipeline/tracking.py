@@ -100,36 +100,26 @@ class StageRun:
             with held():
                 self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
-    def log_classifier(self, name: str, path: Path, classes, example, tags: dict[str, str]):
-        """Checkpoint `path` as an MLflow pyfunc model of this run (`pipeline.serving`); its ModelInfo."""
-        if self._mlflow:
-            from .serving import log_classifier
-
-            with held():
-                return log_classifier(self._mlflow, name, path, list(classes), example, tags)
-        return None
-
-    def register_champion(self, registry_name: str, name: str, path: Path, classes, x_val, y_val, tags: dict):
-        """Log checkpoint `path` as a model of this run and register it (`serving.register_champion`)."""
-        if not self._mlflow:
-            return None
-        from .serving import register_champion
-
-        info = self.log_classifier(name, path, classes, x_val, tags)
-        with held():
-            return register_champion(self._mlflow, registry_name, info.model_uri, x_val, y_val, tags)
+    @property
+    def mlflow(self):
+        """The mlflow module this run logs through; None where nothing is logged (torchrun ranks > 0)."""
+        return self._mlflow
 
     def log_dataset(self, path: Path, name: str, context: str) -> None:
         """Record prepared file `path` as this run's input dataset; its digest is the file's MD5,
         the same hash DVC keeps for it in dvc.lock, so a run points at exact data."""
         if not self._mlflow:
             return
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        import json
+
+        from mlflow.data.dataset_source_registry import get_dataset_source_from_json
         from mlflow.data.meta_dataset import MetaDataset
 
         from .fsutil import md5
 
-        dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=md5(path))
+        # The source kind named, not guessed: resolving a bare path matches two kinds (and warns).
+        source = get_dataset_source_from_json(json.dumps({"uri": str(Path(path).resolve())}), "local")
+        dataset = MetaDataset(source, name=name, digest=md5(path))
         with held():
             self._mlflow.log_input(dataset, context=context)
 
@@ -191,6 +181,7 @@ class StageRun:
 # stages of one invocation are separate processes, so they find their parent by the DVC process
 # they run under (its pid and start time), recorded as the tag `maepipe.invocation`.
 SYSTEM_METRICS_INTERVAL = 2  # seconds
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 LEVEL = "maepipe.level"  # "pipeline" or "grid" on the grouping runs; absent on stage runs
 INVOCATION = "maepipe.invocation"
 
@@ -213,7 +204,9 @@ def invocation() -> str | None:
 
 
 def _grouping_run(mlflow, experiment: str, level: str, key: str, name: str, tags: dict, parent: str | None) -> str:
-    """The id of this invocation's `level` run, created (and marked finished) on first use."""
+    """The id of this invocation's `level` run, created on first use. The pipeline-level run carries
+    the whole params file, flattened with the names the stages log, so comparing two invocations'
+    parents shows which params differ beside what they bought."""
     exp = mlflow.get_experiment_by_name(experiment)
     found = mlflow.search_runs(
         [exp.experiment_id], f"tags.`{INVOCATION}` = '{key}' AND tags.`{LEVEL}` = '{level}'", output_format="list"
@@ -229,17 +222,54 @@ def _grouping_run(mlflow, experiment: str, level: str, key: str, name: str, tags
     if parent:
         run_tags["mlflow.parentRunId"] = parent
     run = client.create_run(exp.experiment_id, run_name=name, tags=run_tags)
-    client.set_terminated(run.info.run_id, "FINISHED")
+    if level == "pipeline":
+        from mlflow.entities import Param
+
+        from .params import flatten, load
+
+        flat = flatten(load("params.yaml"))
+        client.log_batch(run.info.run_id, params=[Param(k, "null" if v is None else str(v)) for k, v in flat.items()])
     return run.info.run_id
 
 
-def _parent_of(mlflow, experiment: str, stage: str, tags: dict) -> str | None:
+def _parent_of(mlflow, experiment: str, stage: str, tags: dict) -> list[str]:
+    """This invocation's grouping runs a stage run goes under: [pipeline] or [pipeline, grid]."""
     key = invocation()
     if key is None:
-        return None
+        return []
     name = tags.get("dvc_exp") or f"dvc repro {tags.get('git_commit', '')[:7]}".strip()
     top = _grouping_run(mlflow, experiment, "pipeline", key, name, tags, None)
-    return _grouping_run(mlflow, experiment, "grid", key, "grid", tags, top) if stage == "pretrain" else top
+    if stage != "pretrain":
+        return [top]
+    return [top, _grouping_run(mlflow, experiment, "grid", key, "grid", tags, top)]
+
+
+def _span(mlflow, groups: list[str], status: str) -> None:
+    """The grouping runs span the invocation: RUNNING while a stage runs, then ended at the last
+    stage's end with its status; once FAILED (or KILLED) they stay so."""
+    client = mlflow.MlflowClient()
+    for run_id in groups:
+        current = client.get_run(run_id).info.status
+        if current in ("FAILED", "KILLED"):
+            continue
+        if status == "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        else:
+            client.set_terminated(run_id, status)
+
+
+VERBOSE = "MAEPIPE_VERBOSE"  # =1: MLflow's INFO lines and library warnings are shown again
+
+
+def quiet_libraries() -> None:
+    """A stage prints its own lines; MLflow's INFO lines (system metrics monitor, GPU probe) and its
+    download bars are not the user's problem. MAEPIPE_VERBOSE=1 brings them back."""
+    import logging
+
+    if os.environ.get(VERBOSE) == "1":
+        return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager
@@ -256,6 +286,8 @@ def start(
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
 
+    quiet_libraries()
+
     mlflow.set_tracking_uri(uri)
     try:
         with _store_lock(uri), held():
@@ -263,7 +295,10 @@ def start(
                 # MLflow's default artifact root is ./mlruns under the *current* directory, which
                 # inside `dvc exp run --queue` is a throwaway copy: pin it to the repo root.
                 mlflow.create_experiment(experiment, artifact_location=(repo_root() / "mlruns").as_uri())
-            mlflow.set_experiment(experiment)
+            exp = mlflow.set_experiment(experiment)
+            if exp.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+                # Without it MLflow 3's UI opens the experiment on its GenAI overview, not its runs.
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     except Exception as e:  # noqa: BLE001 - any store failure is one line for the user
         raise UserError(
             f"mlflow: cannot use tracking store {uri} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -275,9 +310,10 @@ def start(
         tags["mlflow.source.git.commit"] = tags["git_commit"]
     name = f"{stage}-{cell}" if cell else stage
     with _store_lock(uri), held():
-        parent = _parent_of(mlflow, experiment, stage, tags)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
+        groups = _parent_of(mlflow, experiment, stage, tags)
+        _span(mlflow, groups, "RUNNING")
+    if groups:
+        tags["mlflow.parentRunId"] = groups[-1]
     with held():
         # CPU, memory (and GPU) use every few seconds, beside the training curves.
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
@@ -289,10 +325,13 @@ def start(
         # Ctrl-C or SIGTERM: the run was stopped, it did not fail.
         with held():
             mlflow.end_run("KILLED")
+            _span(mlflow, groups, "KILLED")
         raise
     except BaseException:
         with held():
             mlflow.end_run("FAILED")
+            _span(mlflow, groups, "FAILED")
         raise
     with held():
         mlflow.end_run("FINISHED")
+        _span(mlflow, groups, "FINISHED")

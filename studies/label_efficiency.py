@@ -1,11 +1,13 @@
 """The label-efficiency study: what MAE pretraining buys as the label budget grows.
 
-One named DVC experiment per budget (`labels-<N>`: `-S downstream.labels_per_class=N`, with the
-default run's selected cell pinned), each running the four arms for `downstream.seeds` seeds at
-the same fixed number of steps, on the encoder of the committed default run (no grid cell and no
-`pretrain_full` re-runs). The committed default (100 per class) is the N=100 point.
+One named DVC experiment per budget (`labels-<N>`: `-S downstream.labels_per_class=N`), each the
+whole default protocol at that budget: every repetition draws its own N labels per class, selects
+its cell on them (so a budget never borrows another's choice), pretrains its own encoder (DVC's
+run cache reuses a pretraining run whenever a repetition's cell is the one it had under another
+budget) and trains every arm by the one step rule. The committed default (100 per class) is the
+N=100 point.
 
-    python studies/label_efficiency.py run       # the experiments (about 15 minutes on 2 cores)
+    python studies/label_efficiency.py run       # the experiments (about 1.5 hours on 2 cores)
     python studies/label_efficiency.py report    # reports/label_efficiency.{md,json}, the figure
 
 `report` reads every experiment's `metrics/evaluate.json` and per-image predictions from its git
@@ -37,52 +39,31 @@ PAIRS = (("finetune", "scratch"), ("probe", "probe_random"), ("finetune", "pixel
 OUT = ROOT / "reports" / "label_efficiency"
 
 
-def _read(budget: str, rel: str) -> str:
-    return exps.read_text(None if budget == DEFAULT else f"labels-{budget}", rel)
+def experiments() -> dict[str, str | None]:
+    """Budget -> the experiment that holds it (None: the committed default run in the workspace)."""
+    return {b: None if b == DEFAULT else f"labels-{b}" for b in BUDGETS}
 
 
 def run() -> None:
-    # The encoder stays the default run's: pinning its cell makes `select` copy the same checkpoint,
-    # so DVC skips `pretrain_full` and only the budget changes (under another budget the screen
-    # scores, and so the choice, could differ).
-    chosen = json.loads((ROOT / "metrics" / "select.json").read_text())
-    for budget in BUDGETS:
-        if budget != DEFAULT:
-            subprocess.run(
-                [
-                    "dvc",
-                    "exp",
-                    "run",
-                    "--temp",
-                    "-n",
-                    f"labels-{budget}",
-                    "-S",
-                    f"patch={chosen['patch']}",
-                    "-S",
-                    f"mask_ratio={chosen['mask_ratio']}",
-                    "-S",
-                    f"downstream.labels_per_class={budget}",
-                ],
-                cwd=ROOT,
-                check=True,
-            )
+    for budget, name in experiments().items():
+        if name is not None:
+            sets = ["-S", f"downstream.labels_per_class={budget}"]
+            subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *sets], cwd=ROOT, check=True)
 
 
-def collect() -> dict:
+def collect(budgets: dict[str, str | None], out=OUT) -> dict:
     import csv
 
     results = {}
-    OUT.mkdir(parents=True, exist_ok=True)
-    for budget in BUDGETS:
-        ev = json.loads(_read(budget, "metrics/evaluate.json"))
-        text = _read(budget, "plots/evaluate/predictions.csv")
-        (OUT / f"predictions_{budget}.csv").write_text(text)
+    out.mkdir(parents=True, exist_ok=True)
+    for budget, exp in budgets.items():
+        ev = json.loads(exps.read_text(exp, "metrics/evaluate.json"))
+        text = exps.read_text(exp, "plots/evaluate/predictions.csv")
+        (out / f"predictions_{budget}.csv").write_text(text)
         rows = list(csv.DictReader(io.StringIO(text)))
         label = np.array([int(r["label"]) for r in rows])
-        seeds = len(ev["seeds"])
-        correct = {
-            arm: np.array([[int(r[f"{arm}_s{k}"]) for r in rows] for k in range(seeds)]) == label[None] for arm in ARMS
-        }
+        ks = [r["k"] for r in ev["repetitions"]]
+        correct = {arm: np.array([[int(r[f"{arm}_r{k}"]) for r in rows] for k in ks]) == label[None] for arm in ARMS}
         arms = {}
         for arm in ARMS:
             ci = stats.paired_bootstrap(correct[arm], np.zeros_like(correct[arm]), seed=0)
@@ -94,11 +75,13 @@ def collect() -> dict:
             }
         results[budget] = {
             "labels": ev["labels"],
-            "seeds": seeds,
+            "dev_labels": ev["dev_labels"],
+            "repetitions": len(ks),
+            "cells": [r["cell"] for r in ev["repetitions"]],
             "arms": arms,
             "comparisons": {
                 f"{a}-{b}": {
-                    k: ev["comparisons"][f"{a}-{b}"][k] for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")
+                    k: ev["comparisons"][f"{a}-{b}"][k] for k in ("diff", "ci_low", "ci_high", "sd", "mcnemar_p_max")
                 }
                 for a, b in PAIRS
             },
@@ -106,11 +89,11 @@ def collect() -> dict:
     return results
 
 
-def write(results: dict) -> None:
-    report.write_json(results, ROOT / "reports" / "label_efficiency.json")
+def write(results: dict, root=ROOT) -> None:
+    report.write_json(results, root / "reports" / "label_efficiency.json")
     rows = []
     for budget, r in results.items():
-        row = {"labels per class": budget, "labels": r["labels"]}
+        row = {"labels per class": budget, "trained on": r["labels"], "cells": ", ".join(r["cells"])}
         for arm in ARMS:
             a = r["arms"][arm]
             row[arm] = f"{a['accuracy_mean']:.4f} ± {a['accuracy_sd']:.4f}"
@@ -119,11 +102,11 @@ def write(results: dict) -> None:
         rows.append(row)
     report.write_markdown_table(
         rows,
-        ROOT / "reports" / "label_efficiency.md",
-        "Label efficiency: test accuracy (mean ± sd over seeds) and paired differences "
-        "in points [95 % CI over test images and seeds]",
+        root / "reports" / "label_efficiency.md",
+        "Label efficiency: test accuracy (mean ± sd over repetitions, each its own pretraining run "
+        "and label subset) and paired differences in points [95 % CI over test images and repetitions]",
     )
-    _figure(results, ROOT / "plots" / "images" / "label_efficiency.png")
+    _figure(results, root / "plots" / "images" / "label_efficiency.png")
 
 
 def _figure(results: dict, path: Path) -> None:
@@ -140,7 +123,7 @@ def _figure(results: dict, path: Path) -> None:
     ax.set_xticks(x, [f"{int(v):,}" for v in x])
     ax.set_xlabel("labelled training images (10 classes, balanced)")
     ax.set_ylabel("test accuracy")
-    ax.set_title("What MAE pretraining buys per label budget (95 % CI: test images x seeds)", fontsize=9)
+    ax.set_title("What MAE pretraining buys per label budget (95 % CI: test images x repetitions)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     figures.save_figure(fig, path)
@@ -152,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.action == "run":
         run()
-    write(collect())
+    write(collect(experiments()))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
+import json
 import os
 import pickle
 import shutil
@@ -26,6 +28,45 @@ PROJECT_FILES = ["pipeline", "tools", "presets", "dvc.yaml", "params.yaml", ".dv
 
 # The only skips CI accepts: tests that need hardware a CI machine does not have.
 HARDWARE_SKIPS = ("needs CUDA", "needs a machine without CUDA")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`, what `make test` runs) each worker gets cores of its own, and the
+    stages it starts inherit them, so two workers never fight over one core (runtime.setup gives a
+    process one thread per core it may use)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and count > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        mine = cores[int(worker.removeprefix("gw")) % count :: count] if len(cores) >= count else cores
+        os.sched_setaffinity(0, mine)
+        import torch
+
+        torch.set_num_threads(len(mine))
+
+
+@contextlib.contextmanager
+def _shared(tmp_path_factory, name: str):
+    """A directory every xdist worker of this session shares, and a lock held while one of them
+    fills it: the first to come builds, the others wait and read what it built. Yields (dir, built
+    before?)."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    folder = root / f"shared-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            built = (folder / "done").exists()
+            if not built:  # a worker that failed to build may have left half of it
+                shutil.rmtree(folder)
+                folder.mkdir()
+            yield folder, built
+            (folder / "done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -53,6 +94,8 @@ def _seeded_torch():
 # The tiny config's grid cells and the four downstream arms.
 CELLS = ["p4-m0.5", "p4-m0.75", "p8-m0.5", "p8-m0.75"]
 DOWNSTREAM = ["probe", "probe_random", "finetune", "scratch"]
+# The tiny config's repetitions (pretraining run + label subset each).
+REPS = [0, 1]
 
 
 def tiny_params(**overrides) -> dict:
@@ -63,11 +106,16 @@ def tiny_params(**overrides) -> dict:
     p["grid"] = {"patch": [4, 8], "mask_ratio": [0.5, 0.75]}
     p["data"].update(dataset="digits", image_size=16)
     p["model"].update(dim=32, depth=1, heads=2, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    p["pretrain"].update(phases=[{"epochs": 2, "augment": []}], batch_size=128, train_limit=None, val_limit=None)
+    # mse, not the default's norm_pix: the tests read the pixel MSE every loss but norm_pix has (norm_pix
+    # runs through its stage in test_stage_options.py, and through the whole default in `make run`).
+    p["pretrain"].update(
+        phases=[{"epochs": 2, "augment": []}], batch_size=128, train_limit=None, val_limit=None, loss="mse"
+    )
     p["pretrain_full"].update(phases=[{"epochs": 2, "augment": []}], batch_size=128)
-    p["downstream"].update(labels_per_class=20, seeds=2)
-    p["probe"].update(steps=30, warmup_steps=3)
-    p["finetune"].update(steps=20, warmup_steps=2, batch_size=64, augment=["shift"])
+    p["repetitions"] = [0, 1]
+    p["downstream"].update(labels_per_class=20, dev_fraction=0.1)
+    p["probe"].update(min_steps=30, epochs=1, warmup_steps=3)
+    p["finetune"].update(min_steps=20, epochs=1, warmup_steps=2, batch_size=64, augment=["shift"])
     for dotted, value in overrides.items():
         *path, last = dotted.split(".")
         node = p
@@ -130,13 +178,19 @@ def tiny_repo(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def repro_template(tmp_path_factory):
-    """One `dvc repro` of the tiny config in a fresh git repo, committed afterwards as a user would.
-    Read it, never change it: a test that changes a repo takes `repro_copy`."""
-    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo", tiny_params())
-    out = sh(["dvc", "repro"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "repro"], repo)
-    return repo, out.stdout
+    """One `dvc repro` of the tiny config in a fresh git repo, committed afterwards as a user would,
+    made once per session (whichever xdist worker comes first). Read it, never change it: a test
+    that changes a repo takes `repro_copy`. -> (repo, the repro's stdout)."""
+    with _shared(tmp_path_factory, "e2e") as (folder, built):
+        repo = folder / "repo"
+        if not built:
+            make_repo(repo, tiny_params())
+            out = sh(["dvc", "repro"], repo)
+            (folder / "repro.stdout").write_text(out.stdout)
+            (folder / "repro.stderr").write_text(out.stderr)  # what the user saw on stderr
+            sh(["git", "add", "-A"], repo)
+            sh(["git", "commit", "-qm", "repro"], repo)
+    return repo, (folder / "repro.stdout").read_text()
 
 
 @pytest.fixture
@@ -146,6 +200,25 @@ def repro_copy(repro_template, tmp_path) -> Path:
     dst = tmp_path / "repo"
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+@pytest.fixture(scope="session")
+def pinned_template(repro_template, tmp_path_factory):
+    """A copy of the template with one experiment, `pinned`: the other patch size pinned, so select,
+    every pretraining run and the arms re-run and no grid cell does. Shared by the tests of pinning,
+    `dvc exp show`, `dvc plots diff` and the browser; read it, never change it.
+    -> (repo, the experiment's `dvc exp run` output, the pinned patch)."""
+    src, _ = repro_template
+    with _shared(tmp_path_factory, "pinned") as (folder, built):
+        repo = folder / "repo"
+        if not built:
+            shutil.copytree(src, repo, symlinks=True)
+            auto = json.loads((repo / "metrics" / "select.json").read_text())["repetitions"]["r0"]["cell"]
+            other = 8 if auto.startswith("p4-") else 4
+            out = sh(["dvc", "exp", "run", "-n", "pinned", "-S", f"patch={other}"], repo)
+            (folder / "pinned.json").write_text(json.dumps({"stdout": out.stdout, "patch": other}))
+    done = json.loads((folder / "pinned.json").read_text())
+    return repo, done["stdout"], done["patch"]
 
 
 def mlflow_runs(repo, kind: str = "stages"):

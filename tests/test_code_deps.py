@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, sh
+from conftest import REPS, ROOT, sh, tiny_params, write_params
 
 sys.path.insert(0, str(ROOT / "tools"))
 import codedeps  # noqa: E402
@@ -63,10 +63,16 @@ def test_editing_a_module_makes_exactly_its_importers_stale(repro_copy):
     assert _stale(repo) == set()
     deps = codedeps.expected(repo / "dvc.yaml")
     cells = {f"pretrain@{p}-{m}" for p in (4, 8) for m in (0.5, 0.75)}
+    arms = {"probe", "probe_random", "finetune", "scratch"}
+    fulls = {f"pretrain_full@{k}" for k in REPS}
     for module, importers in (
         ("pipeline/represent.py", {"select"}),
-        ("pipeline/stages/arm.py", {"probe", "probe_random", "finetune", "scratch"}),
-        ("pipeline/params.py", set(deps) - {"pretrain"} | cells),
+        ("pipeline/stages/arm.py", arms),
+        # Only the stages that log or register models: no grid cell, no data, no pretraining run.
+        ("pipeline/serving.py", arms | {"evaluate"}),
+        # The model: not the checks (validate, budget) nor the data stage.
+        ("pipeline/model.py", set(deps) - {"validate", "data", "budget", "pretrain", "pretrain_full"} | cells | fulls),
+        ("pipeline/params.py", set(deps) - {"pretrain", "pretrain_full"} | cells | fulls),
     ):
         # The derived deps agree with what we know these modules do ...
         assert {s for s, files in deps.items() if module in files} == {s.split("@")[0] for s in importers}
@@ -78,3 +84,15 @@ def test_editing_a_module_makes_exactly_its_importers_stale(repro_copy):
         finally:
             (repo / module).write_text(original)
     assert _stale(repo) == set()
+
+
+def test_the_controls_depend_on_the_selected_cell_not_the_pretrained_weights(repro_copy):
+    """scratch and probe_random build a random encoder of the selected cell's architecture: longer
+    pretraining changes every encoder, and re-runs neither."""
+    repo = repro_copy
+    write_params(repo, tiny_params(**{"pretrain_full.phases": [{"epochs": 3, "augment": []}]}))
+    out = sh(["dvc", "repro"], repo).stdout
+    for stage in ("pretrain_full@0", "pretrain_full@1", "probe", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in out, out
+    for stage in ("select", "scratch", "probe_random"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out

@@ -175,3 +175,28 @@ def test_label_budget_larger_than_a_class_is_one_clear_error():
     labels = np.array([0] * 5 + [1] * 3)
     with pytest.raises(UserError, match=r"labels_per_class = 4: class 'b' has only 3 training images"):
         data.label_budget(labels, 4, 0, ["a", "b"])
+
+
+def test_repetitions_split_each_budget_into_train_and_dev(tmp_path):
+    from pipeline import repetition
+
+    labels = np.random.default_rng(0).integers(0, 10, 5000)
+    classes = [str(c) for c in range(10)]
+    reps = repetition.draw(labels, classes, 30, 0.1, 5, [0, 2])
+    assert [(r.k, r.seed) for r in reps] == [(0, 5), (2, 2005)]
+    for r in reps:
+        # The budget is exactly the label subset the seed draws; dev holds 3 of each class's 30.
+        assert np.array_equal(r.budget, data.label_budget(labels, 30, r.seed, classes))
+        assert not set(r.train) & set(r.dev)
+        assert np.bincount(labels[r.dev], minlength=10).tolist() == [3] * 10
+        assert np.bincount(labels[r.train], minlength=10).tolist() == [27] * 10
+    assert not np.array_equal(reps[0].budget, reps[1].budget)
+    # Saved and loaded as written; a file drawn for other params is refused.
+    key = {"seed": 5, "labels": 30}
+    repetition.save(reps, key, tmp_path / "r.json")
+    back = repetition.load(tmp_path / "r.json", key)
+    assert all(np.array_equal(a.train, b.train) and np.array_equal(a.dev, b.dev) for a, b in zip(reps, back))
+    with pytest.raises(UserError, match="was drawn for other params"):
+        repetition.load(tmp_path / "r.json", {"seed": 6, "labels": 30})
+    with pytest.raises(UserError, match="dev_fraction = 0.5: class '0' has 1 budget labels"):
+        repetition.draw(labels, classes, 1, 0.5, 0, [0])

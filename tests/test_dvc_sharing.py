@@ -7,6 +7,7 @@ import shutil
 import sys
 
 import pytest
+import yaml
 from conftest import ROOT, make_repo, sh, tiny_params
 
 CELLS = {"a": ["pretrain@4-0.5", "pretrain@4-0.75"], "b": ["pretrain@8-0.5", "pretrain@8-0.75"]}
@@ -19,8 +20,8 @@ EXP_SHOW = [
     "--drop",
     ".*",
     "--keep",
-    "(Experiment|Created|encoder|budget|finetune|scratch|probe|probe_random|pixels|ft-scratch|ft-scratch_ci"
-    "|probe-rand|probe-rand_ci)$",
+    "(Experiment|encoder|budget|reps|finetune|scratch|probe|pixels|ft-scratch|ft-scratch_ci"
+    "|ft-pixels|ft-pixels_ci|probe-rand|probe-rand_ci)$",
 ]
 
 
@@ -33,15 +34,16 @@ def test_models_are_fetched_by_name_from_a_clone(repro_copy, tmp_path):
     for name in ("mae-encoder", "finetuned-classifier"):
         sh(["gto", "register", name], repo)
     assert {"mae-encoder@v0.0.1", "finetuned-classifier@v0.0.1"} <= set(sh(["git", "tag"], repo).stdout.split())
-    sh(["dvc", "artifacts", "get", str(repo), "mae-encoder", "-o", "encoder.pt"], tmp_path)
-    assert (tmp_path / "encoder.pt").read_bytes() == (repo / "models" / "encoder.pt").read_bytes()
-    assert (
-        checkpoint.load(tmp_path / "encoder.pt")["meta"]["cell"]
-        == json.loads((repo / "metrics" / "select.json").read_text())["cell"]
-    )
+    sh(["dvc", "artifacts", "get", str(repo), "mae-encoder", "-o", "encoders"], tmp_path)
+    sel = json.loads((repo / "metrics" / "select.json").read_text())["repetitions"]
+    assert sorted(p.name for p in (tmp_path / "encoders").iterdir()) == ["r0.pt", "r1.pt"]
+    for k in (0, 1):
+        got = tmp_path / "encoders" / f"r{k}.pt"
+        assert got.read_bytes() == (repo / "models" / "encoder" / f"r{k}.pt").read_bytes()
+        assert checkpoint.load(got)["meta"]["cell"] == sel[f"r{k}"]["cell"]
     sh(["dvc", "artifacts", "get", str(repo), "finetuned-classifier", "--rev", "v0.0.1", "-o", "classifier"], tmp_path)
-    assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["s0.pt", "s1.pt"]
-    clf = checkpoint.build_classifier(checkpoint.load(tmp_path / "classifier" / "s0.pt"))
+    assert sorted(p.name for p in (tmp_path / "classifier").iterdir()) == ["r0.pt", "r1.pt"]
+    clf = checkpoint.build_classifier(checkpoint.load(tmp_path / "classifier" / "r0.pt"))
     assert clf.head[-1].out_features == 10
 
 
@@ -50,7 +52,8 @@ def test_grid_split_across_two_machines_trains_no_cell_again(tmp_path):
     their results (dvc.lock, metrics, curves, figures) to a branch; a third clone merges both
     branches (tools/merge_dvc_lock.py joins the two dvc.lock files), pulls, and `dvc repro` trains
     no cell. This is the README's recipe, step by step."""
-    origin = make_repo(tmp_path / "origin", tiny_params())
+    # One repetition: what is shared is the grid; downstream of it one pretraining run says as much.
+    origin = make_repo(tmp_path / "origin", tiny_params(repetitions=[0]))
     shutil.copy2(ROOT / ".gitattributes", origin / ".gitattributes")  # tools/ comes with the project files
     sh(["dvc", "remote", "add", "-d", "shared", str(tmp_path / "remote")], origin)
     sh(["git", "add", "-A"], origin)
@@ -85,25 +88,46 @@ def test_grid_split_across_two_machines_trains_no_cell_again(tmp_path):
     assert "up to date" in sh(["dvc", "status"], third).stdout
 
 
-def test_the_lock_merge_refuses_a_stage_recorded_differently():
+def test_the_lock_merge_is_three_way_by_stage(tmp_path):
+    """Against the common ancestor: one side's addition, change or deletion of a stage wins; a
+    stage both sides changed differently is refused by name. Also as git runs it (%O %A %B)."""
+    import subprocess
+
     sys.path.insert(0, str(ROOT / "tools"))
     import merge_dvc_lock
 
-    a = {"schema": "2.0", "stages": {"data": {"cmd": "x"}, "pretrain@4-0.5": {"cmd": "y"}}}
-    b = {"schema": "2.0", "stages": {"data": {"cmd": "x"}, "pretrain@8-0.5": {"cmd": "z"}}}
-    assert list(merge_dvc_lock.merge(a, b)["stages"]) == ["data", "pretrain@4-0.5", "pretrain@8-0.5"]
-    with pytest.raises(SystemExit, match="stage data differs"):
-        merge_dvc_lock.merge(a, {"stages": {"data": {"cmd": "other"}}})
+    def lock(**stages):
+        return {"schema": "2.0", "stages": {k.replace("_", "@"): {"cmd": v} for k, v in stages.items()}}
+
+    base = lock(data="x", select="s", probe="p")
+    ours = lock(data="x", select="s2", probe="p", pretrain_4="a")  # changed select, added a cell
+    theirs = lock(data="x", select="s", pretrain_8="b")  # deleted probe, added another cell
+    merged = merge_dvc_lock.merge(base, ours, theirs)["stages"]
+    assert merged == {
+        "data": {"cmd": "x"},
+        "select": {"cmd": "s2"},
+        "pretrain@4": {"cmd": "a"},
+        "pretrain@8": {"cmd": "b"},
+    }
+    # The same change on both sides is no conflict; different changes are.
+    assert merge_dvc_lock.merge(base, ours, ours)["stages"] == ours["stages"]
+    with pytest.raises(SystemExit, match="stage select changed differently"):
+        merge_dvc_lock.merge(base, ours, lock(data="x", select="s3", probe="p"))
+    paths = []
+    for name, content in (("O", base), ("A", ours), ("B", theirs)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(yaml.safe_dump(content))
+    subprocess.run([sys.executable, str(ROOT / "tools" / "merge_dvc_lock.py"), *map(str, paths)], check=True)
+    assert yaml.safe_load(paths[1].read_text())["stages"] == merged
 
 
-def test_the_documented_exp_show_line_fits_200_columns(repro_copy):
-    repo = repro_copy
-    sh(["dvc", "exp", "run", "-n", "fewer-labels", "-S", "downstream.labels_per_class=10"], repo)
+def test_the_documented_exp_show_line_fits_200_columns(pinned_template):
+    repo, _, _ = pinned_template
     full = sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo).stdout.splitlines()[0].split(",")
     out = sh(EXP_SHOW, repo, COLUMNS="1000").stdout
     lines = out.splitlines()
     assert max(len(line) for line in lines) <= 200, out
-    assert "fewer-labels" in out and "ft-scratch_ci" in out and "budget" in out
+    assert "pinned" in out and "ft-scratch_ci" in out and "ft-pixels_ci" in out and "budget" in out
     # What this line keeps: every column of metrics/summary.json, and a fifth of all columns at most.
     summary = json.loads((repo / "metrics" / "summary.json").read_text())
     kept = sh([*EXP_SHOW, "--csv"], repo).stdout.splitlines()[0].split(",")

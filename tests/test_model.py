@@ -61,11 +61,21 @@ def test_random_masking_per_sample():
         # Kept indices are exactly the unmasked positions, and each sample differs.
         assert sorted(keep[b].tolist()) == torch.nonzero(mask[b] == 0).flatten().tolist()
     assert len({tuple(sorted(k.tolist())) for k in keep}) > 1
-    # restore undoes the shuffle
-    g = torch.Generator().manual_seed(1)
-    a = random_masking(3, 16, 0.5, torch.device("cpu"), g)
+    # restore undoes the shuffle: it is a permutation, and it sends each kept patch back from the
+    # front of the shuffled order (position i of `keep` came from shuffled position i).
+    for r in range(5):
+        assert sorted(restore[r].tolist()) == list(range(16))
+    assert torch.equal(torch.gather(restore, 1, keep), torch.arange(4).expand(5, 4))
+    assert torch.equal(mask, (restore >= 4).float())
+    # The decoder's unshuffle: tokens laid out as [kept..., mask tokens...] and gathered by restore
+    # put every kept token back at its own patch and a mask token everywhere else.
+    laid_out = torch.cat([keep, torch.full((5, 12), -1)], dim=1)
+    placed = torch.gather(laid_out, 1, restore)
+    assert torch.equal(placed, torch.where(mask == 0, torch.arange(16).expand(5, 16), -1))
+    # A generator makes the draw repeatable.
+    a = random_masking(3, 16, 0.5, torch.device("cpu"), torch.Generator().manual_seed(1))
     b = random_masking(3, 16, 0.5, torch.device("cpu"), torch.Generator().manual_seed(1))
-    assert torch.equal(a[0], b[0])
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_encoder_shapes():

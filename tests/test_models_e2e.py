@@ -1,5 +1,6 @@
 """The path from training to a served model: each arm's classifiers as MLflow models, the registry's
-champion chosen on val, and `mlflow models serve` answering over HTTP with evaluate's classes."""
+champion chosen on the repetitions' dev labels (inside the budget, never val), and `mlflow models
+serve` answering over HTTP with evaluate's classes."""
 
 import csv
 import json
@@ -30,13 +31,12 @@ def _test_images(repo, n=None):
 
 def _evaluate_classes(repo, arm, k):
     with open(repo / "plots" / "evaluate" / "predictions.csv") as f:
-        return np.array([int(r[f"{arm}_s{k}"]) for r in csv.DictReader(f)])
+        return np.array([int(r[f"{arm}_r{k}"]) for r in csv.DictReader(f)])
 
 
 def _champion(repo):
     version = _client(repo).get_model_version_by_alias(REGISTRY, "champion")
-    seeds = json.loads((repo / "metrics" / "evaluate.json").read_text())["seeds"]
-    return version, version.tags["arm"], seeds.index(int(version.tags["seed"]))
+    return version, version.tags["arm"], int(version.tags["repetition"])
 
 
 def test_every_arm_logs_its_classifiers_as_models(repro_template):
@@ -52,12 +52,13 @@ def test_every_arm_logs_its_classifiers_as_models(repro_template):
             filter_string=f"source_run_id = '{run.info.run_id}'",
             output_format="list",
         )
-        assert sorted(m.name for m in models) == [f"{arm}-s0", f"{arm}-s1"], arm
+        assert sorted(m.name for m in models) == [f"{arm}-r0", f"{arm}-r1"], arm
         for m in models:
             from pipeline import fsutil
 
             k = int(m.name[-1])
-            assert m.tags["checkpoint_md5"] == fsutil.md5(repo / "models" / arm / f"s{k}.pt")
+            assert m.tags["checkpoint_md5"] == fsutil.md5(repo / "models" / arm / f"r{k}.pt")
+            assert m.tags["repetition"] == str(k) and m.tags["arm"] == arm
             info = mlflow.models.get_model_info(m.model_uri)
             assert info.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
 
@@ -68,6 +69,14 @@ def test_champion_loads_in_a_fresh_process_outside_the_repo(repro_template, tmp_
     repo, _ = repro_template
     version, arm, k = _champion(repo)
     assert arm in ("finetune", "probe")  # never a control
+    # The candidate with the best dev accuracy of its own repetition, as the arms recorded it.
+    dev = {
+        (a, r["repetition"]): r["dev_acc"]
+        for a in ("finetune", "probe")
+        for r in json.loads((repo / "metrics" / f"{a}.json").read_text())["repetitions"]
+    }
+    assert dev[arm, k] == max(dev.values()) and float(version.tags["dev_acc"]) == pytest.approx(dev[arm, k])
+    assert version.tags["dev_images"] == "20"
     x, _ = _test_images(repo)
     np.save(tmp_path / "x.npy", x)
     code = (
@@ -82,38 +91,39 @@ def test_champion_loads_in_a_fresh_process_outside_the_repo(repro_template, tmp_
     assert run.returncode == 0, run.stderr[-3000:]
     served = np.array([int(c) for c in run.stdout.split()])
     np.testing.assert_array_equal(served, _evaluate_classes(repo, arm, k))
-    for key in ("git_commit", "cell", "labels_per_class", "checkpoint_md5", "val_acc"):
-        assert version.tags[key], key
+    from pipeline import fsutil
+
+    head = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=repo, capture_output=True, text=True)
+    cells = json.loads((repo / "metrics" / "select.json").read_text())["repetitions"]
+    assert version.tags["git_commit"] == head.stdout.strip()
+    assert version.tags["cell"] == cells[f"r{k}"]["cell"] and version.tags["seed"] == str(1000 * k)
+    assert version.tags["labels_per_class"] == "20" and version.tags["checkpoint"] == f"models/{arm}/r{k}.pt"
+    assert version.tags["checkpoint_md5"] == fsutil.md5(repo / "models" / arm / f"r{k}.pt")
 
 
-def test_champion_moves_only_when_a_candidate_beats_it_on_val(repro_copy):
-    """A trained classifier and an untrained one of the same shape, registered in turn."""
+def test_champion_moves_only_when_a_candidate_beats_it_on_dev(repro_copy):
+    """Versions registered in turn with their dev accuracies: the alias moves only on a better one;
+    a champion that records none (an older maepipe's) is replaced."""
     import mlflow
-    import torch
 
-    from pipeline import checkpoint, data, serving
-    from pipeline.model import Classifier, Encoder
+    from pipeline import data, serving
 
     repo = repro_copy
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     d = data.load_prepared(repo / "data" / "prepared" / "downstream.npz")
-    good = repo / "models" / "finetune" / "s0.pt"
-    ckpt = checkpoint.load(good)
-    torch.manual_seed(0)
-    untrained = Classifier(Encoder(checkpoint.build_classifier(ckpt).encoder.cfg), **ckpt["head"])
-    bad = repo / "untrained.pt"
-    checkpoint.save(bad, checkpoint.classifier_payload(untrained, ckpt["head"], stage="test"))
+    path = repo / "models" / "finetune" / "r0.pt"
     name, classes = "maepipe-test", [str(c) for c in d["classes"]]
-    outcomes = []
     mlflow.set_experiment("registry-test")
-    for path in (bad, good, bad):
-        with mlflow.start_run():
-            info = serving.log_classifier(mlflow, "clf", path, classes, d["x_val"], {})
-        outcomes.append(serving.register_champion(mlflow, name, info.model_uri, d["x_val"], d["y_val"], {}))
-    assert [o["promoted"] for o in outcomes] == [True, True, False]
-    assert outcomes[1]["val_acc"] > outcomes[0]["val_acc"] == pytest.approx(outcomes[2]["val_acc"])
-    assert outcomes[2]["previous_val_acc"] == pytest.approx(outcomes[1]["val_acc"])
-    assert _client(repo).get_model_version_by_alias(name, "champion").version == outcomes[1]["version"]
+    with mlflow.start_run():
+        info = serving.log_classifier(mlflow, "clf", path, classes, d["x_val"][:2], {})
+    client = _client(repo)
+    old = mlflow.register_model(info.model_uri, name)  # no dev_acc tag
+    client.set_registered_model_alias(name, "champion", old.version)
+    outcomes = [serving.register_champion(mlflow, name, info.model_uri, acc, {}) for acc in (0.4, 0.7, 0.6, 0.7)]
+    assert [o["promoted"] for o in outcomes] == [True, True, False, False]
+    assert [o["previous_dev_acc"] for o in outcomes] == [None, 0.4, 0.7, 0.7]
+    assert client.get_model_version_by_alias(name, "champion").version == outcomes[1]["version"]
+    assert client.get_model_version(name, outcomes[2]["version"]).tags["dev_acc"] == "0.600000"
 
 
 def test_mlflow_models_serve_answers_with_evaluates_classes(repro_template):

@@ -8,9 +8,9 @@ from pipeline.errors import UserError
 
 def test_committed_params_are_valid():
     p = params.load(ROOT / "params.yaml")
-    assert len(p.cells()) == 16
+    assert p.cells() == [(7, 0.5), (7, 0.6), (7, 0.75), (7, 0.9)]
     assert params.flatten(p)["pretrain.phases"] == "2xnone" and p.pretrain.epochs == 2
-    assert p.downstream.labels_per_class == 100 and p.downstream_seeds() == [0, 1000, 2000]
+    assert p.downstream.labels_per_class == 100 and p.repetitions == (0, 1, 2)
     assert p.downstream_dataset == p.data.dataset and p.downstream_size == p.data.image_size
     assert params.cell_name(7, 0.5) == "p7-m0.5"
 
@@ -53,14 +53,18 @@ BAD = [
         {"downstream.labels_per_class": "many"},
         "downstream.labels_per_class = 'many': must be a positive integer or all",
     ),
-    ({"downstream.seeds": 0}, "downstream.seeds = 0: must be a positive integer"),
+    ({"downstream.seeds": 3}, "downstream.seeds: unknown key"),
+    ({"repetitions": 3}, "repetitions = 3: must be a non-empty list"),
+    ({"repetitions": [0, 0]}, "repetitions = [0, 0]: must not repeat a value"),
+    ({"repetitions": [0, -1]}, "repetitions[1] = -1: must be an integer >= 0"),
+    ({"downstream.dev_fraction": 0}, "downstream.dev_fraction = 0: must be a number strictly between 0 and 1"),
     ({"finetune.layer_decay": 0}, "finetune.layer_decay = 0: must be a number in (0, 1]"),
     ({"finetune.layer_decay": 1.5}, "finetune.layer_decay = 1.5: must be a number in (0, 1]"),
     ({"finetune.label_smoothing": 1.0}, "finetune.label_smoothing = 1.0: must be a number in [0, 1)"),
     ({"finetune.drop_path": -0.1}, "finetune.drop_path = -0.1: must be a number in [0, 1)"),
     ({"finetune.augment": ["flip"]}, "finetune.augment = ['flip']: flip is not allowed for digits"),
     ({"finetune.augment": ["blur"]}, "finetune.augment[0] = 'blur': must be one of shift, crop, flip"),
-    ({"probe.warmup_steps": 30}, "probe.warmup_steps = 30: must be less than probe.steps = 30"),
+    ({"probe.warmup_steps": 30}, "probe.warmup_steps = 30: must be less than probe.min_steps = 30"),
     ({"finetune.warmup_steps": -1}, "finetune.warmup_steps = -1: must be an integer >= 0"),
     (
         {"pretrain_full.phases": [{"epochs": 1, "augment": ["flip"]}]},
@@ -74,8 +78,9 @@ BAD = [
         {"patch": 8, "downstream.image_size": 20},
         "downstream.image_size = 20: the selected encoder has patch 8, which must divide",
     ),
-    ({"finetune.steps": -3}, "finetune.steps = -3: must be a positive integer"),
-    ({"finetune.epochs": 3}, "finetune.epochs: unknown key"),
+    ({"finetune.min_steps": -3}, "finetune.min_steps = -3: must be a positive integer"),
+    ({"finetune.epochs": 0}, "finetune.epochs = 0: must be a positive number"),
+    ({"finetune.steps": 3}, "finetune.steps: unknown key"),
     (
         {"patch": "auto", "grid.patch": [8], "downstream.image_size": 20},
         "downstream.image_size = 20: the selected encoder has patch 8, which must divide",
@@ -111,6 +116,12 @@ def test_bad_values_are_one_clear_error(override, message):
         params.parse(tiny_params(**override))
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_train_length_is_one_rule_for_every_budget():
+    p = params.parse(tiny_params(**{"finetune.min_steps": 100, "finetune.epochs": 10, "finetune.batch_size": 64}))
+    assert p.finetune.steps_for(90) == 100  # a small budget is not starved
+    assert p.finetune.steps_for(6_400) == 1_000 and p.finetune.steps_for(6_401) == 1_001  # nor a large one cut
 
 
 def test_phases_and_downstream_parse():
@@ -186,7 +197,9 @@ def test_seed_preset_is_valid_and_sized_like_the_seeds():
         and p.pretrain.batch_size == 256
         and p.pretrain.lr == 3e-4
     )
-    assert p.finetune.lr_encoder == 9.5e-5 and p.finetune.lr_head == 8e-4 and p.finetune.steps == 2110
+    assert p.finetune.lr_encoder == 9.5e-5 and p.finetune.lr_head == 8e-4
+    # 10 epochs of batch 256 over every training label (54,000 less the 10 % dev slice).
+    assert p.finetune.steps_for(48_600) == 1899
     assert p.downstream.labels_per_class == "all"
     enc = Encoder(ViTConfig(28, 1, 7, p.model.dim, p.model.depth, p.model.heads))
     assert 6.0e6 < count_parameters(enc) < 7.0e6

@@ -19,26 +19,35 @@ def _shrunk(preset: dict, repo) -> dict:
     """The preset with its epochs and steps cut to what a test can afford; nothing else changes."""
     params = yaml.safe_load((repo / "params.yaml").read_text())
     phases = preset.get("pretrain.phases", params["pretrain"]["phases"])
+    full_phases = preset.get("pretrain_full.phases", params["pretrain_full"]["phases"])
     out = {
         "pretrain.phases": [{"epochs": 1, "augment": ph["augment"]} for ph in phases],
         "pretrain.train_limit": 300,
         "pretrain.val_limit": 100,
-        "pretrain_full.phases": [{"epochs": 1, "augment": []}],
-        "finetune.steps": 6,
+        "pretrain_full.phases": [{"epochs": 1, "augment": ph["augment"]} for ph in full_phases],
+        "pretrain_full.train_limit": 300,
+        "finetune.min_steps": 6,
+        "finetune.epochs": 0.01,
         "finetune.warmup_steps": 1,
-        "probe.steps": 6,
+        "probe.min_steps": 6,
+        "probe.epochs": 0.01,
         "probe.warmup_steps": 1,
+        "repetitions": [0],  # one pretraining run and label subset: the preset's values reach it all the same
     }
     if "model.dim" in preset:  # a bigger network: fewer images and smaller batches keep it seconds
         out.update({"finetune.batch_size": 32, "probe.batch_size": 32, "data.train_limit": 400, "data.test_limit": 100})
-    if 7 in preset.get("grid.patch", []):
+    if len(preset.get("grid.patch", [])) * len(preset.get("grid.mask_ratio", [1])) > 1:
+        # A whole grid of a big network is minutes even shrunk: one of its cells (the grid's values
+        # themselves are checked as params in test_params.py).
+        out.update({"grid.patch": [4], "grid.mask_ratio": [0.5]})
+    if 7 in out.get("grid.patch", preset.get("grid.patch", [])):
         out["data.image_size"] = 28  # patch 7 must divide the image; the tiny config's is 16
     raw = repo / "data" / "raw"
     if preset.get("data.dataset") == "mnist":  # MNIST and CIFAR-10 as format-exact local files
         write_idx_dataset(raw / "mnist", n_train=300, n_test=50)
         write_cifar(raw / "cifar10", per_batch=60)
         out.update({"data.verify_checksums": False, "downstream.labels_per_class": 3})
-    elif any("flip" in ph["augment"] for ph in phases):
+    elif any("flip" in ph["augment"] for ph in (*phases, *full_phases)):
         # The tiny config's digits refuse a flip (a mirrored digit is not a digit): the preset's
         # intended data, Fashion-MNIST, as format-exact local files.
         write_idx_dataset(raw / "fashion_mnist", n_train=300, n_test=50)
@@ -58,9 +67,12 @@ def test_preset_runs_end_to_end(name, repro_copy):
 
     applied = yaml.safe_load((repo / "params.yaml").read_text())
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    locked = {}  # every params value some stage ran with, by dotted key
-    for stage in lock.values():
-        locked.update(_flatten(stage.get("params", {}).get("params.yaml", {})))
+    locked = {}  # every params value some stage of this pipeline ran with, by dotted key
+    # (dvc.lock keeps the baseline's stages that the preset's smaller grid no longer has)
+    current = set(sh(["dvc", "stage", "list", "--name-only"], repo).stdout.split())
+    for name_, stage in lock.items():
+        if name_ in current:
+            locked.update(_flatten(stage.get("params", {}).get("params.yaml", {})))
     for key, value in preset.items():
         if key in shrink:
             continue
@@ -90,9 +102,9 @@ def _vit(repo, rel):
 
 
 def _check_seed(repo, preset):
-    enc = _vit(repo, "models/encoder.pt")["vit"]
+    enc = _vit(repo, "models/encoder/r0.pt")["vit"]
     assert (enc["dim"], enc["depth"], enc["heads"]) == (256, 8, 8)
-    probe = _vit(repo, "models/probe/s0.pt")
+    probe = _vit(repo, "models/probe/r0.pt")
     assert (probe["head"]["head"], probe["head"]["mlp_hidden"]) == ("mlp", preset["probe.mlp_hidden"])
     hidden = [tuple(v.shape) for k, v in probe["state_dict"].items() if k.startswith("head") and v.ndim == 2]
     assert (preset["probe.mlp_hidden"], 256) in hidden  # the MLP head's first layer reads the 256-d feature
@@ -100,26 +112,29 @@ def _check_seed(repo, preset):
 
 
 def _check_two_phase(repo, preset):
-    assert json.loads((repo / "metrics" / "select.json").read_text())["cell"] == "p7-m0.5"
-    with open(repo / "plots" / "pretrain" / "p7-m0.5.csv") as f:
+    assert json.loads((repo / "metrics" / "select.json").read_text())["cells"] == "p7-m0.5"
+    # The repetition's pretraining run: the two phases under one schedule, one curve.
+    with open(repo / "plots" / "pretrain_full" / "r0.csv") as f:
         assert [r["phase"] for r in csv.DictReader(f)] == ["1", "2"]
     # The grid is the one cell (dvc.lock still lists the baseline's cells, which DVC keeps).
     stages = sh(["dvc", "stage", "list", "--name-only"], repo).stdout.split()
     assert [s for s in stages if s.startswith("pretrain@")] == ["pretrain@7-0.5"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert lock["pretrain@7-0.5"]["params"]["params.yaml"]["pretrain"]["loss"] == "bce"
+    assert lock["pretrain_full@0"]["params"]["params.yaml"]["pretrain.loss"] == "bce"
+    assert torch.load(repo / "models" / "encoder" / "r0.pt", weights_only=True)["loss"] == "bce"
 
 
 def _check_transfer_cifar10(repo, preset):
     """Pretrained on 1-channel 16x16 MNIST (a 4x4 grid of patch 4); probed and fine-tuned as
     3-channel 32x32 CIFAR-10 (8x8)."""
-    mae = _vit(repo, "models/encoder.pt")
+    mae = _vit(repo, "models/encoder/r0.pt")
     assert (mae["vit"]["channels"], mae["vit"]["image_size"], mae["vit"]["patch"]) == (1, 16, 4)
     for name in ("finetune", "probe", "scratch"):
-        vit = _vit(repo, f"models/{name}/s0.pt")["vit"]
+        vit = _vit(repo, f"models/{name}/r0.pt")["vit"]
         assert (vit["channels"], vit["image_size"], vit["patch"], vit["pos_grid"]) == (3, 32, 4, 4), name
     # The probe keeps the pretrained encoder's weights: its patch embedding is the gray one / 3.
-    probe = _vit(repo, "models/probe/s0.pt")["state_dict"]
+    probe = _vit(repo, "models/probe/r0.pt")["state_dict"]
     w_gray = mae["state_dict"]["encoder.patch_embed.weight"]
     torch.testing.assert_close(probe["encoder.patch_embed.weight"][:, 0::3], w_gray / 3)
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())

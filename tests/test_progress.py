@@ -32,7 +32,8 @@ def _run_on_a_terminal(cwd, args) -> str:
 
 
 def test_bar_with_loss_on_a_terminal_and_none_in_logs(tiny_repo):
-    write_params(tiny_repo, tiny_params(**{"pretrain.batch_size": 4}))
+    # Small batches for enough steps to draw a bar with a loss readout; few images to keep it seconds.
+    write_params(tiny_repo, tiny_params(**{"pretrain.batch_size": 4, "pretrain.train_limit": 200}))
     assert cli(tiny_repo, "data").returncode == 0
     shown = _run_on_a_terminal(tiny_repo, ["-m", "pipeline", "pretrain", "--patch", "4", "--mask", "0.5"])
     assert "pretrain p4-m0.5 epoch 1/2:" in shown and "step/s" in shown and "loss=" in shown, shown[-2000:]

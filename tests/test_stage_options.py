@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CELLS, cli, tiny_params, write_params
+from conftest import CELLS, REPS, cli, tiny_params, write_params
 
 
 def _stage(repo, *args, **overrides):
@@ -33,6 +33,11 @@ def _expected(grid, metric, cells):
     return sorted(tied, key=lambda c: (-int(c[1:].split("-")[0]), float(c.split("-m")[1])))[0]
 
 
+def _repetition_view(grid, metric, k):
+    """The grid as repetition k saw it: its own labelled scores (reconstruction has no labels)."""
+    return {c: {**row, metric: row.get(f"{metric}_r{k}", row.get(metric))} for c, row in grid.items()}
+
+
 @pytest.mark.parametrize("metric", ["val_mse", "val_loss", "knn_acc", "probe_acc"])
 def test_select_picks_by_each_metric(repro_copy, metric):
     repo = repro_copy
@@ -42,15 +47,20 @@ def test_select_picks_by_each_metric(repro_copy, metric):
     if metric == "val_loss":  # not in the grid table: read it from each cell's metrics
         for c in CELLS:
             grid[c]["val_loss"] = json.loads((repo / "metrics" / "pretrain" / f"{c}.json").read_text())["val_loss"]
-    assert sel["metric"] == metric and sel["cell"] == _expected(grid, metric, CELLS)
-    assert (repo / "models" / "best.pt").read_bytes() == (repo / "models" / "mae" / f"{sel['cell']}.pt").read_bytes()
+    assert sel["metric"] == metric
+    for k in REPS:
+        cell = _expected(_repetition_view(grid, metric, k), metric, CELLS)
+        assert sel["repetitions"][f"r{k}"]["cell"] == cell, k
+        assert json.loads((repo / "models" / "selection" / f"r{k}.json").read_text())["cell"] == cell
 
 
 def test_the_mask_ratio_pin_chooses_among_that_ratio_only(repro_copy):
     repo = repro_copy
     _stage(repo, "select", mask_ratio=0.75)
     sel = json.loads((repo / "metrics" / "select.json").read_text())
-    assert sel["cell"] == _expected(_grid(repo), "probe_acc", ["p4-m0.75", "p8-m0.75"])
+    for k in REPS:
+        view = _repetition_view(_grid(repo), "knn_acc", k)
+        assert sel["repetitions"][f"r{k}"]["cell"] == _expected(view, "knn_acc", ["p4-m0.75", "p8-m0.75"])
 
 
 @pytest.mark.parametrize("loss", ["bce", "norm_pix"])
@@ -73,7 +83,7 @@ def test_mlp_probe_head_and_scaled_lr(repro_copy):
     _stage(repo, "probe", **{"probe.head": "mlp", "probe.mlp_hidden": 48, "probe.batch_size": 64})
     from pipeline import checkpoint
 
-    ckpt = checkpoint.load(repo / "models" / "probe" / "s0.pt")
+    ckpt = checkpoint.load(repo / "models" / "probe" / "r0.pt")
     assert ckpt["head"]["head"] == "mlp" and ckpt["head"]["mlp_hidden"] == 48
     clf = checkpoint.build_classifier(ckpt)
     assert sum(p.numel() for p in clf.head.parameters()) > 32 * 48  # a hidden layer, not a linear map
@@ -106,8 +116,8 @@ def test_evaluate_aucs_match_an_independent_computation(repro_template):
     x = torch.as_tensor(d["x_test"]).float() / 255.0
     y = d["y_test"]
     for arm in ("finetune", "probe"):
-        for k, seed in enumerate(ev["arms"][arm]["seeds"]):
-            clf = checkpoint.build_classifier(checkpoint.load(repo / "models" / arm / f"s{k}.pt")).eval()
+        for k, seed in enumerate(ev["arms"][arm]["repetitions"]):
+            clf = checkpoint.build_classifier(checkpoint.load(repo / "models" / arm / f"r{k}.pt")).eval()
             with torch.no_grad():
                 probs = torch.softmax(clf(x), dim=1).numpy()
             per_class = [_rank_auc(y == c, probs[:, c]) for c in range(10)]

@@ -183,16 +183,14 @@ def test_coverage_of_known_true_difference():
     assert 0.88 <= covered / trials <= 0.99, covered
 
 
-def test_large_case_is_fast_enough():
-    import time
-
+def test_the_default_runs_size_brackets_its_difference():
+    """3 repetitions x 10,000 test images, 10,000 replicates, as evaluate runs it (its speed is for
+    `make bench`, not a test)."""
     rng = np.random.default_rng(0)
     a = rng.random((3, 10000)) < 0.8
     b = rng.random((3, 10000)) < 0.78
-    t0 = time.perf_counter()
     r = paired_bootstrap(a, b, n_boot=10000)
-    assert time.perf_counter() - t0 < 8.0
-    assert r["ci_low"] < r["diff"] < r["ci_high"]
+    assert r["ci_low"] < r["diff"] < r["ci_high"] and (r["n_seeds"], r["n_images"]) == (3, 10000)
 
 
 @pytest.mark.parametrize(

@@ -32,3 +32,61 @@ def test_two_phase_pretraining_is_one_curve_with_the_boundary_marked(tiny_repo):
     one = _curve(tiny_repo, "p8-m0.5")
     assert one[0]["train_loss"] == two[0]["train_loss"] and one[0]["val_mse"] == two[0]["val_mse"]
     assert one[1]["train_loss"] != two[1]["train_loss"] and one[2]["train_loss"] != two[2]["train_loss"]
+
+
+def _study(name):
+    import importlib
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "studies"))
+    return importlib.import_module(name)
+
+
+def test_label_efficiency_report_reads_each_budgets_experiment(pinned_template, tmp_path, monkeypatch):
+    """The study's report on a repo with an experiment: every number it writes is read from the
+    experiment's git ref (or the workspace) and its intervals recomputed from the copied per-image
+    predictions."""
+    import json
+
+    import numpy as np
+
+    from pipeline import stats
+
+    exps, study = _study("exps"), _study("label_efficiency")
+    repo, _, _ = pinned_template
+    monkeypatch.setattr(exps, "ROOT", repo)
+    # The workspace holds the last experiment's results, so both entries are the `pinned` run.
+    results = study.collect({"workspace": None, "pinned": "pinned"}, out=tmp_path / "copied")
+    study.write(results, root=tmp_path)
+    ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    assert results["workspace"] == results["pinned"]
+    r = results["pinned"]
+    assert r["labels"] == 180 and r["repetitions"] == 2 and r["cells"] == [x["cell"] for x in ev["repetitions"]]
+    assert r["arms"]["finetune"]["accuracy_mean"] == ev["arms"]["finetune"]["accuracy_mean"]
+    copied = (tmp_path / "copied" / "predictions_pinned.csv").read_text()
+    assert copied == (repo / "plots" / "evaluate" / "predictions.csv").read_text()
+    rows = [line.split(",") for line in copied.splitlines()]
+    header, body = rows[0], rows[1:]
+    label = np.array([int(x[header.index("label")]) for x in body])
+    correct = np.array([[int(x[header.index(f"probe_r{k}")]) for x in body] for k in (0, 1)]) == label
+    again = stats.paired_bootstrap(correct, np.zeros_like(correct), seed=0)
+    assert (r["arms"]["probe"]["ci_low"], r["arms"]["probe"]["ci_high"]) == (again["ci_low"], again["ci_high"])
+    table = (tmp_path / "reports" / "label_efficiency.md").read_text()
+    assert "| pinned |" in table and "finetune-pixels_logreg" in table
+    assert (tmp_path / "plots" / "images" / "label_efficiency.png").stat().st_size > 1000
+
+
+def test_screen_study_statistics():
+    """Spearman with its interval and the exact permutation p the screen study reports."""
+    import numpy as np
+
+    study = _study("screen")
+    finals = np.array([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3], [0.4, 0.4]])
+    perfect = study._rho_with_ci(np.array([1.0, 2.0, 3.0, 4.0]), finals, n_boot=200)
+    # Only the perfect ordering and its reverse reach |rho| = 1: 2 of the 4! orderings.
+    assert perfect["rho"] == 1.0 and perfect["p_permutation"] == 2 / 24
+    noisy = np.array([[0.1, 0.3], [0.2, 0.4], [0.3, 0.1], [0.4, 0.2]])
+    r = study._rho_with_ci(np.array([1.0, 2.0, 3.0, 4.0]), noisy, n_boot=500)
+    assert -1 <= r["ci_low"] <= r["ci_high"] <= 1 and r["p_permutation"] > 2 / 24

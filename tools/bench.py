@@ -31,6 +31,7 @@ from pipeline import params as params_mod
 from pipeline.errors import UserError
 from pipeline.model import MAE, Classifier, Encoder
 from pipeline.stages import PRETRAIN_DATA
+from pipeline.stages.vit import vit_config
 
 BATCH = 256
 # Dense bf16 peak of the GPUs we know, for model FLOPs utilisation (MFU).
@@ -117,7 +118,7 @@ def flops_per_image(model_step, x: torch.Tensor) -> float:
 
 
 def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on: bool) -> dict:
-    cfg = params_mod.vit_config(p, patch, d)
+    cfg = vit_config(p, patch, d)
 
     def make():
         torch.manual_seed(0)
@@ -159,7 +160,7 @@ def bench_pretrain(p, d, patch: int, mask: float, device, steps: int, compile_on
 
 def bench_classifier(p, d, patch: int, device, steps: int, frozen: bool, compile_on: bool) -> dict:
     """Fine-tune (frozen=False) or probe (frozen=True) throughput at `patch`."""
-    cfg = params_mod.vit_config(p, patch, d)
+    cfg = vit_config(p, patch, d)
     classes = len(d["classes"])
 
     def make():

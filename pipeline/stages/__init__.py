@@ -2,6 +2,8 @@
 
 All output paths are relative to the working directory, which DVC sets to the repo root (or to
 the temporary copy under `dvc exp run --temp/--queue`); only the MLflow store lives at DVC_ROOT.
+This module holds paths (and the one reader of a selection file): what it imports, every stage
+depends on.
 """
 
 from pathlib import Path
@@ -20,42 +22,42 @@ DOWNSTREAM_DATA = Path("data/prepared/downstream.npz")
 # Images per class of the downstream training split, and the params that made it: read by
 # `validate` to refuse a label budget too large before any stage runs.
 CLASS_COUNTS = Path("data/prepared/class_counts.json")
-
-
-# The encoder that goes downstream: the selected cell after `pretrain_full`.
-ENCODER = MODELS / "encoder.pt"
+# Every repetition's label subset (train and dev indices), drawn once by `budget`.
+REPETITIONS = Path("data/repetitions.json")
 
 
 def mae_path(cell: str) -> Path:
     return MODELS / "mae" / f"{cell}.pt"
 
 
+def selection_path(k: int) -> Path:
+    """The cell repetition k selected (`select`), the one input of its `pretrain_full@k`."""
+    return MODELS / "selection" / f"r{k}.json"
+
+
+def architecture_path(k: int) -> Path:
+    """The patch size repetition k selected: all the random-weight controls need of its cell."""
+    return MODELS / "architecture" / f"r{k}.json"
+
+
+def selected(k: int) -> dict:
+    """{cell, patch, mask_ratio}: the cell repetition k selected."""
+    import json
+
+    from ..errors import UserError
+
+    path = selection_path(k)
+    try:
+        return json.loads(path.read_text())
+    except OSError:
+        raise UserError(f"select: {path} is missing; run `dvc repro select`") from None
+
+
+def encoder_path(k: int) -> Path:
+    """Repetition k's encoder: its selected cell pretrained by `pretrain_full@k`."""
+    return MODELS / "encoder" / f"r{k}.pt"
+
+
 def arm_path(arm: str, k: int) -> Path:
     """Checkpoint of downstream arm `arm` (probe, finetune, scratch, probe_random), repetition k."""
-    return MODELS / arm / f"s{k}.pt"
-
-
-def adapted_encoder(ckpt: dict, d: dict):
-    """The encoder of MAE checkpoint `ckpt` adapted to the downstream images `d` (channels, size,
-    normalisation); None when its patch does not divide their size."""
-    from .. import checkpoint
-    from ..adapt import adapt_encoder
-
-    encoder = checkpoint.encoder_from(ckpt)
-    size = d["x_train"].shape[-1]
-    if size % encoder.cfg.patch:
-        return None
-    return adapt_encoder(encoder, d["x_train"].shape[1], size, d["mean"], d["std"])
-
-
-def downstream_encoder(d: dict):
-    """The encoder that goes downstream (`models/encoder.pt`), adapted to the downstream images.
-    Returns (encoder, cell it was selected as)."""
-    from .. import checkpoint
-    from ..params import require_patch_divides
-
-    ckpt = checkpoint.load(ENCODER)
-    encoder = adapted_encoder(ckpt, d)
-    if encoder is None:
-        require_patch_divides(d["x_train"].shape[-1], ckpt["vit"]["patch"], "downstream.image_size")
-    return encoder, ckpt["meta"]["cell"]
+    return MODELS / arm / f"r{k}.pt"

@@ -1,17 +1,17 @@
-"""The label budget must fit the data: every class of the downstream training split must hold
-`downstream.labels_per_class` images.
+"""Stage `budget`: draw every repetition's label subset (`pipeline.repetition`) and write them to
+`data/repetitions.json`, which select, the arms, the pixel floor and the champion choice read.
 
-Checked twice. `validate` checks early, from the class counts the last `data` run wrote, when they
-were made with the current data params (so the check is exact), and refuses the run before any
-stage starts. The `budget` stage checks again after `data` on the prepared split itself (a fresh
-clone, or changed data params), writing only a constant marker that `select`, the arms and
-`evaluate` depend on, so a budget too large never removes their outputs."""
+The budget must fit the data: every class of the downstream training split must hold
+`downstream.labels_per_class` images. Checked twice. `validate` checks early, from the class counts
+the last `data` run wrote, when they were made with the current data params (so the check is
+exact), and refuses the run before any stage starts. This stage checks again on the prepared split
+itself (a fresh clone, or changed data params). Its output is `persist`ent, so a budget too large
+leaves the previous draw in place and no other stage's outputs are removed."""
 
 import json
 from pathlib import Path
 
-from .. import data
-from ..fsutil import write_bytes
+from .. import data, repetition
 from ..params import Params, flatten
 from . import CLASS_COUNTS, DOWNSTREAM_DATA
 
@@ -23,6 +23,16 @@ def data_key(p: Params) -> dict:
         **flatten(p.data, "data."),
         "downstream.dataset": p.downstream_dataset,
         "downstream.image_size": p.downstream_size,
+    }
+
+
+def draw_key(p: Params) -> dict:
+    """Everything the repetitions' subsets depend on (recorded in the file, checked by its readers)."""
+    return {
+        **data_key(p),
+        "repetitions": list(p.repetitions),
+        "downstream.labels_per_class": p.downstream.labels_per_class,
+        "downstream.dev_fraction": p.downstream.dev_fraction,
     }
 
 
@@ -39,8 +49,14 @@ def check_early(p: Params) -> None:
             raise data.budget_too_large(p.downstream.labels_per_class, name, n)
 
 
-def run(p: Params, marker: Path) -> None:
+def run(p: Params, out: Path) -> None:
     d = data.load_prepared(DOWNSTREAM_DATA)
-    chosen = data.label_budget(d["y_train"], p.downstream.labels_per_class, p.seed, d["classes"])
-    write_bytes(marker, b"the label budget fits the downstream training split\n")
-    print(f"downstream.labels_per_class = {p.downstream.labels_per_class}: {len(chosen)} labels per seed")
+    reps = repetition.draw(
+        d["y_train"], d["classes"], p.downstream.labels_per_class, p.downstream.dev_fraction, p.seed, p.repetitions
+    )
+    repetition.save(reps, draw_key(p), out)
+    r = reps[0]
+    print(
+        f"downstream.labels_per_class = {p.downstream.labels_per_class}: {len(reps)} repetitions of "
+        f"{len(r.budget)} labels ({len(r.train)} to train on, {len(r.dev)} held out as dev)"
+    )

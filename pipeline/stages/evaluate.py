@@ -1,18 +1,23 @@
 """Stage `evaluate`: every arm's repetitions on the downstream test split (accuracy, per-class
-one-vs-rest ROC-AUC, macro and micro AUC), a logistic regression on raw pixels with the same labels
-(the floor every arm is shown against), and the paired comparisons that answer "what did MAE
-pretraining buy": the difference in accuracy with a 95 % bootstrap CI over test images and seeds,
-and McNemar's exact test per seed. Every per-image prediction is written out, so every number here
-can be recomputed from the repository."""
+one-vs-rest ROC-AUC, macro and micro AUC), a logistic regression on raw pixels fitted on each
+repetition's training labels with its regularisation cross-validated inside them (the floor every
+arm is shown against), and the paired comparisons that answer "what did MAE pretraining buy": the
+difference in accuracy with a 95 % bootstrap CI over test images and repetitions (each one a
+pretraining run and a label subset, so both noises are inside it), and McNemar's exact test per
+repetition. The registry's candidate is chosen on the repetitions' held-out dev labels, never on
+val. Every per-image prediction is written out, so every number here can be recomputed from the
+repository."""
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from .. import checkpoint, data, figures, fsutil, loop, report, runtime, stats, tracking
+from .. import checkpoint, data, figures, fsutil, loop, repetition, report, runtime, serving, stats, tracking
+from ..errors import UserError
 from ..params import Params
-from . import DOWNSTREAM_DATA, IMAGES, METRICS, PLOTS, REPORTS, arm_path
+from . import DOWNSTREAM_DATA, IMAGES, METRICS, PLOTS, REPETITIONS, REPORTS, arm_path
+from .budget import draw_key
 
 ARMS = ("finetune", "scratch", "probe", "probe_random")
 PIXELS = "pixels_logreg"
@@ -25,8 +30,14 @@ COMPARISONS = (
     ("scratch", PIXELS),
 )
 PREDICTION_IMAGES = 12
-# The classifiers that may become the registered model: never a control. Chosen on val, not test.
+# The classifiers that may become the registered model: never a control. Chosen on the repetitions'
+# dev labels (inside the budget), never on val or test.
 CANDIDATES = ("finetune", "probe")
+# The pixel floor's inverse regularisation strengths, chosen by stratified k-fold CV on each
+# repetition's training labels (at most CV_PER_CLASS of each class take part in the CV).
+PIXEL_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+PIXEL_FOLDS = 5
+CV_PER_CLASS = 500
 # ROC curves go to DVC on one shared false-positive-rate grid (one column per class), denser
 # near zero where good classifiers do all their climbing.
 FPR_GRID = np.unique(np.concatenate([np.linspace(0, 1, 101), np.logspace(-4, -1, 31)]))
@@ -55,43 +66,84 @@ def scores(y: np.ndarray, probs: np.ndarray, classes) -> tuple[dict, dict]:
     return metrics, curves
 
 
-def pixel_floor(d: dict, chosen: np.ndarray, seed: int) -> np.ndarray:
-    """Test-set class probabilities of a multinomial logistic regression on raw pixels in [0, 1],
-    fitted on the same labelled images the arms got."""
-    from sklearn.linear_model import LogisticRegression
+def pixel_floor(d: dict, chosen: np.ndarray, seed: int) -> tuple[np.ndarray, float]:
+    """(test-set class probabilities, the C chosen) of a multinomial logistic regression on raw
+    pixels in [0, 1], fitted on the labelled images the arms got, its C chosen by stratified k-fold
+    CV on (a class-balanced sample of at most CV_PER_CLASS per class of) those same labels."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.model_selection import StratifiedKFold
 
     flat = lambda x: x.reshape(len(x), -1).astype(np.float64) / 255.0
-    model = LogisticRegression(max_iter=2000, random_state=seed)
-    model.fit(flat(d["x_train"][chosen]), d["y_train"][chosen])
+    y = d["y_train"][chosen]
+    rng = np.random.default_rng([seed, 3])
+    sample = np.sort(np.concatenate([rng.permutation(np.flatnonzero(y == c))[:CV_PER_CLASS] for c in np.unique(y)]))
+    folds = min(PIXEL_FOLDS, int(np.bincount(y[sample]).min()))
+    if folds >= 2:
+        # The regularisation path with warm starts, fold by fold: seconds, where a grid of
+        # separate fits takes minutes. Accuracy is the score, as for every arm.
+        search = LogisticRegressionCV(
+            Cs=list(PIXEL_CS),
+            cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+            scoring="accuracy",
+            l1_ratios=(0.0,),
+            use_legacy_attributes=False,
+            max_iter=2000,
+        )
+        search.fit(flat(d["x_train"][chosen[sample]]), y[sample])
+        c = float(search.C_)
+    else:  # a class with a single label: nothing to hold out, sklearn's default
+        c = 1.0
+    model = LogisticRegression(C=c, max_iter=2000)
+    model.fit(flat(d["x_train"][chosen]), y)
     probs = np.zeros((len(d["y_test"]), len(d["classes"])))
     probs[:, model.classes_] = model.predict_proba(flat(d["x_test"]))
-    return probs
+    return probs, c
 
 
-def summarise(per_seed: list[dict]) -> dict:
+def summarise(per_rep: list[dict]) -> dict:
     out = {}
     for key in ("accuracy", "auc_macro", "auc_micro"):
-        out[f"{key}_mean"], out[f"{key}_sd"] = stats.mean_sd([s[key] for s in per_seed])
-    out["seeds"] = [{k: s[k] for k in ("accuracy", "auc_macro", "auc_micro")} for s in per_seed]
-    out["auc_per_class"] = per_seed[0]["auc_per_class"]  # the first repetition's, for the ROC figure
+        out[f"{key}_mean"], out[f"{key}_sd"] = stats.mean_sd([s[key] for s in per_rep])
+    out["repetitions"] = [{k: s[k] for k in ("accuracy", "auc_macro", "auc_micro")} for s in per_rep]
+    out["auc_per_class"] = per_rep[0]["auc_per_class"]  # the first repetition's, for the ROC figure
     return out
 
 
 def compare(correct: dict, a: str, b: str, seed: int) -> dict:
+    """The paired difference a - b: bootstrap CI over repetitions and test images, the sd of the
+    per-repetition differences, and McNemar's exact p per repetition."""
     boot = stats.paired_bootstrap(correct[a], correct[b], seed=seed)
+    per_rep = (correct[a].mean(1) - correct[b].mean(1)).tolist()
     tests = [stats.mcnemar(ra, rb) for ra, rb in zip(correct[a], correct[b])]
-    return {**boot, "mcnemar_p": [t["p"] for t in tests], "mcnemar_p_max": max(t["p"] for t in tests)}
+    return {
+        **boot,
+        "per_repetition": per_rep,
+        "sd": stats.mean_sd(per_rep)[1],
+        "mcnemar_p": [t["p"] for t in tests],
+        "mcnemar_p_max": max(t["p"] for t in tests),
+    }
 
 
-def headline(summary: dict, cell: str) -> dict:
+def headline(summary: dict, cells: str) -> dict:
     """The few numbers runs are compared by (`dvc exp show`'s table, the MLflow parent run): the
-    encoder's cell, the label budget, each arm's mean test accuracy, and what pretraining bought in
-    points with its 95 % CI. Names are unique among the metrics files, so `dvc exp show` prints
-    them bare and one screen holds them."""
-    out = {"encoder": cell, "budget": summary["labels_per_class"]}
+    repetitions' cells, the label budget, the number of repetitions (= pretraining runs), each arm's
+    mean test accuracy, and what pretraining bought in points with its 95 % CI. Names are unique
+    among the metrics files, so `dvc exp show` prints them bare and one screen holds them."""
+    out = {"encoder": cells, "budget": summary["labels_per_class"], "reps": len(summary["repetitions"])}
     names = {"pixels_logreg": "pixels"}
-    out.update({names.get(arm, arm): round(r["accuracy_mean"], 4) for arm, r in summary["arms"].items()})
-    for name, short in (("finetune-scratch", "ft-scratch"), ("probe-probe_random", "probe-rand")):
+    # The random-encoder probe is in `probe-rand`; its own accuracy would only widen the table.
+    out.update(
+        {
+            names.get(arm, arm): round(r["accuracy_mean"], 4)
+            for arm, r in summary["arms"].items()
+            if arm != "probe_random"
+        }
+    )
+    for name, short in (
+        ("finetune-scratch", "ft-scratch"),
+        ("probe-probe_random", "probe-rand"),
+        ("finetune-pixels_logreg", "ft-pixels"),
+    ):
         c = summary["comparisons"][name]
         out[short] = round(100 * c["diff"], 2)
         out[f"{short}_ci"] = f"[{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}]"
@@ -104,38 +156,42 @@ def run(p: Params) -> None:
     classes = [str(c) for c in d["classes"]]
     x_test = runtime.to_device(d["x_test"], device)
     y_test = d["y_test"]
-    seeds = p.downstream_seeds()
+    reps = repetition.load(REPETITIONS, draw_key(p))
     # Load and score every checkpoint before writing anything: a missing one leaves no half report.
-    probs, val_acc, cell = _predict_arms(d, x_test, len(seeds), device)
-    budgets = [data.label_budget(d["y_train"], p.downstream.labels_per_class, s, d["classes"]) for s in seeds]
-    probs[PIXELS] = _pixel_probs(d, budgets, seeds)
+    probs, candidates, cells = _predict_arms(d, x_test, reps, device)
+    probs[PIXELS], pixel_cs = _pixel_probs(d, reps)
 
     results, curves, preds = _score_arms(probs, y_test, classes)
+    results[PIXELS]["C"] = pixel_cs
     correct = {arm: preds[arm] == y_test[None] for arm in preds}
     comparisons = {f"{a}-{b}": compare(correct, a, b, p.seed) for a, b in COMPARISONS}
     summary = {
         "test_images": int(len(y_test)),
         "labels_per_class": p.downstream.labels_per_class,
-        "labels": int(len(budgets[0])),
-        "seeds": seeds,
+        "labels": int(len(reps[0].train)),
+        "dev_labels": int(len(reps[0].dev)),
+        "repetitions": [{"k": r.k, "seed": r.seed, "cell": c} for r, c in zip(reps, cells)],
+        "pretraining_runs": len(reps),
         "arms": results,
         "comparisons": comparisons,
     }
+    cell = ",".join(cells)
 
     params = {
         "seed": p.seed,
+        "repetitions": list(p.repetitions),
         "device": p.device,
         "downstream.dataset": p.downstream_dataset,
         "downstream.image_size": p.downstream_size,
         "downstream.labels_per_class": p.downstream.labels_per_class,
-        "downstream.seeds": len(seeds),
+        "downstream.dev_fraction": p.downstream.dev_fraction,
     }
     with tracking.start(p.mlflow.experiment, "evaluate", params, p.downstream_dataset) as run:
         run.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "evaluation")
         _write_arm_plots(run, curves, preds, results, classes, y_test)
         for name, c in comparisons.items():
             run.log_metrics({f"{name}_{k}": c[k] for k in ("diff", "ci_low", "ci_high", "mcnemar_p_max")})
-        _write_predictions(preds, y_test, len(seeds))
+        _write_predictions(preds, y_test, [r.k for r in reps])
         report.write_json(summary, METRICS / "evaluate.json")
         report.write_json(headline(summary, cell), METRICS / "summary.json")
         _write_report(summary, p, REPORTS / "evaluate.md")
@@ -144,44 +200,51 @@ def run(p: Params) -> None:
             run.log_artifact(IMAGES / name)
         run.log_artifact(REPORTS / "evaluate.md")
         run.log_artifact(PLOTS / "evaluate" / "predictions.csv")
-        _register(run, p, d, cell, seeds, val_acc)
+        _register(run, p, d, candidates)
         top = headline(summary, cell)
         run.summarise_parent(
             {k: str(v) for k, v in top.items() if not isinstance(v, float)},
             {k: v for k, v in top.items() if isinstance(v, float)},
         )
-        run.note_not_run(_stage_runs(p, cell))
+        run.note_not_run(_stage_runs(p, cells))
+    for name, c in comparisons.items():
+        print(
+            f"evaluate: {name} {100 * c['diff']:+.2f} points [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] "
+            f"(test, {len(reps)} repetitions)"
+        )
 
 
-def _predict_arms(d: dict, x_test: torch.Tensor, n_seeds: int, device) -> tuple[dict, dict, str]:
-    """-> (test probabilities per arm and repetition, val accuracy per candidate (arm, repetition),
-    the encoder's cell), from every arm's checkpoints."""
+def _predict_arms(d: dict, x_test: torch.Tensor, reps: list, device) -> tuple[dict, dict, list[str]]:
+    """-> (test probabilities per arm and repetition, the registry's candidates as (arm, repetition)
+    -> {dev_acc, path}, each repetition's cell), from every arm's checkpoints."""
     probs = {arm: [] for arm in ARMS}
-    x_val = runtime.to_device(d["x_val"], device)
-    val_acc = {}  # (arm, repetition) -> val accuracy: how the registry's candidate is chosen
+    candidates, cells = {}, []
     for arm in ARMS:
-        for k in range(n_seeds):
-            ckpt = checkpoint.load(arm_path(arm, k))
-            cell = ckpt["meta"]["cell"]
+        for rep in reps:
+            path = arm_path(arm, rep.k)
+            ckpt = checkpoint.load(path)
+            if ckpt["meta"].get("repetition") != rep.k or ckpt["meta"].get("labels") != len(rep.train):
+                raise UserError(f"evaluate: {path} was trained for another repetition; run `dvc repro`")
+            if arm == ARMS[0]:
+                cells.append(ckpt["meta"]["cell"])
             clf = checkpoint.build_classifier(ckpt).to(device).eval()
             logits = loop.predict(clf, x_test, 512, device)
             probs[arm].append(torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64))
             if arm in CANDIDATES:
-                val_pred = loop.predict(clf, x_val, 512, device).argmax(1).cpu().numpy()
-                val_acc[arm, k] = float((val_pred == d["y_val"]).mean())
-    return probs, val_acc, cell
+                # Scored by the arm on the repetition's dev labels when it trained: no label read here.
+                candidates[arm, rep.k] = {
+                    "dev_acc": float(ckpt["meta"]["dev_acc"]),
+                    "dev_images": int(len(rep.dev)),
+                    "path": path,
+                    "seed": rep.seed,
+                }
+    return probs, candidates, cells
 
 
-def _pixel_probs(d: dict, budgets: list[np.ndarray], seeds: list[int]) -> list[np.ndarray]:
-    """-> the pixel floor's test probabilities, one per seed."""
-    # lbfgs draws no random numbers, so seeds that share a label subset (every seed, under
-    # `labels_per_class: all`) share one fit: minutes on 54,000 images, not one per seed.
-    fits, out = {}, []
-    for chosen, s in zip(budgets, seeds):
-        if chosen.tobytes() not in fits:
-            fits[chosen.tobytes()] = pixel_floor(d, chosen, s)
-        out.append(fits[chosen.tobytes()])
-    return out
+def _pixel_probs(d: dict, reps: list) -> tuple[list[np.ndarray], list[float]]:
+    """-> the pixel floor's test probabilities and chosen C, one per repetition."""
+    fits = [pixel_floor(d, rep.train, rep.seed) for rep in reps]
+    return [f[0] for f in fits], [f[1] for f in fits]
 
 
 def _score_arms(probs: dict, y_test: np.ndarray, classes: list[str]) -> tuple[dict, dict, dict]:
@@ -189,13 +252,13 @@ def _score_arms(probs: dict, y_test: np.ndarray, classes: list[str]) -> tuple[di
     per arm as a (repetition, image) array)."""
     results, curves, preds = {}, {}, {}
     for arm, runs in probs.items():
-        per_seed = []
+        per_rep = []
         for k, pr in enumerate(runs):
             metrics, c = scores(y_test, pr, classes)
-            per_seed.append(metrics)
+            per_rep.append(metrics)
             if k == 0:
                 curves[arm] = c
-        results[arm] = summarise(per_seed)
+        results[arm] = summarise(per_rep)
         preds[arm] = np.stack([pr.argmax(1) for pr in runs])
     return results, curves, preds
 
@@ -215,14 +278,14 @@ def _write_arm_plots(run, curves: dict, preds: dict, results: dict, classes: lis
         run.log_metrics({f"{arm}_{k}": v for k, v in r.items() if k.endswith(("_mean", "_sd"))})
 
 
-def _write_predictions(preds: dict, y_test: np.ndarray, n_seeds: int) -> None:
+def _write_predictions(preds: dict, y_test: np.ndarray, ks: list[int]) -> None:
     """Writes PLOTS/evaluate/predictions.csv: every repetition's prediction for every test image."""
     # Every repetition's prediction for every test image: the intervals can be recomputed from this.
     table = [
         {
             "image": i,
             "label": int(y_test[i]),
-            **{f"{arm}_s{k}": int(preds[arm][k, i]) for arm in preds for k in range(n_seeds)},
+            **{f"{arm}_r{k}": int(preds[arm][j, i]) for arm in preds for j, k in enumerate(ks)},
         }
         for i in range(len(y_test))
     ]
@@ -245,7 +308,7 @@ def _write_figures(d: dict, curves: dict, preds: dict, classes: list[str], seed:
     )
 
 
-def _stage_runs(p: Params, cell: str) -> dict[str, dict]:
+def _stage_runs(p: Params, cells: list[str]) -> dict[str, dict]:
     """Every MLflow stage run one invocation of the pipeline makes, by name, with the numbers of
     the metrics file its stage leaves (so a stage DVC did not run still shows what it stands for)."""
     from ..params import cell_name
@@ -257,52 +320,61 @@ def _stage_runs(p: Params, cell: str) -> dict[str, dict]:
 
     runs = {"data": {}}
     runs.update({f"pretrain-{c}": numbers(f"pretrain/{c}.json") for c in (cell_name(*pm) for pm in p.cells())})
-    runs[f"select-{cell}"] = numbers("select.json")
-    runs[f"pretrain_full-{cell}"] = numbers("pretrain_full.json")
-    runs.update({f"{arm}-{cell}": numbers(f"{arm}.json") for arm in ARMS})
+    runs[f"select-{','.join(cells)}"] = numbers("select.json")
+    runs.update({f"pretrain_full-r{k}-{c}": numbers(f"pretrain_full/r{k}.json") for k, c in zip(p.repetitions, cells)})
+    # The arms are named by their repetitions' cells; the controls by the patch sizes they copy.
+    arms_cell = ",".join(sorted(set(cells)))
+    patches = ",".join(sorted({c.split("-")[0] for c in cells}))
+    runs.update({f"{arm}-{arms_cell}": numbers(f"{arm}.json") for arm in ("finetune", "probe")})
+    runs.update({f"{arm}-{patches}": numbers(f"{arm}.json") for arm in ("scratch", "probe_random")})
     return runs
 
 
-def _register(run, p: Params, d: dict, cell: str, seeds: list[int], val_acc: dict) -> None:
-    """The best candidate on val becomes a version of `maepipe-<dataset>`, and the champion when
-    it beats the current one on this val split. Nothing here is written to the repository: the
-    registry's state depends on the store's history, not only on this run."""
-    arm, k = max(val_acc, key=lambda ak: (val_acc[ak], ak[0] == "finetune", -ak[1]))
-    path = arm_path(arm, k)
+def _register(run, p: Params, d: dict, candidates: dict) -> None:
+    """The candidate with the best dev accuracy (each scored on its own repetition's held-out budget
+    labels) becomes a version of `maepipe-<dataset>`, and the champion when its dev accuracy beats
+    the current champion's. Nothing here is written to the repository: the registry's state depends
+    on the store's history, not only on this run."""
+    arm, k = max(candidates, key=lambda ak: (candidates[ak]["dev_acc"], ak[0] == "finetune", -ak[1]))
+    c = candidates[arm, k]
+    ckpt = checkpoint.load(c["path"])
     tags = {
         "arm": arm,
-        "seed": str(seeds[k]),
-        "cell": cell,
+        "repetition": str(k),
+        "seed": str(c["seed"]),
+        "cell": ckpt["meta"]["cell"],
         "labels_per_class": str(p.downstream.labels_per_class),
-        "checkpoint": str(path),
-        "checkpoint_md5": fsutil.md5(path),
+        "dev_images": str(c["dev_images"]),
+        "checkpoint": str(c["path"]),
+        "checkpoint_md5": fsutil.md5(c["path"]),
         **tracking.provenance(),
     }
-    outcome = run.register_champion(
+    outcome = serving.register_from(
+        run,
         f"maepipe-{p.downstream_dataset}",
-        f"candidate-{arm}-s{k}",
-        path,
-        [str(c) for c in d["classes"]],
-        d["x_val"],
-        d["y_val"],
+        f"candidate-{arm}-r{k}",
+        c["path"],
+        [str(x) for x in d["classes"]],
+        d["x_val"][:2],
+        c["dev_acc"],
         tags,
     )
     if outcome:
         verdict = "now the champion" if outcome["promoted"] else f"champion stays version {outcome['champion_version']}"
         print(
-            f"registered maepipe-{p.downstream_dataset} version {outcome['version']} ({arm} seed {seeds[k]}, "
-            f"val acc {outcome['val_acc']:.4f}): {verdict}"
+            f"registered maepipe-{p.downstream_dataset} version {outcome['version']} ({arm} repetition {k}, "
+            f"dev acc {c['dev_acc']:.4f}): {verdict}"
         )
 
 
 def _write_report(summary: dict, p: Params, path) -> None:
-    n, seeds = summary["test_images"], len(summary["seeds"])
+    n, reps = summary["test_images"], len(summary["repetitions"])
     arms = [
         {
             "arm": arm,
             "test accuracy (mean ± sd)": f"{r['accuracy_mean']:.4f} ± {r['accuracy_sd']:.4f}",
             "macro AUC": f"{r['auc_macro_mean']:.4f} ± {r['auc_macro_sd']:.4f}",
-            "per seed": " / ".join(f"{s['accuracy']:.4f}" for s in r["seeds"]),
+            "per repetition": " / ".join(f"{s['accuracy']:.4f}" for s in r["repetitions"]),
         }
         for arm, r in summary["arms"].items()
     ]
@@ -311,14 +383,18 @@ def _write_report(summary: dict, p: Params, path) -> None:
             "comparison": name,
             "accuracy difference": f"{c['diff'] * 100:+.2f} points",
             "95 % CI": f"[{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]",
-            "McNemar p per seed": " / ".join(f"{x:.2g}" for x in c["mcnemar_p"]),
+            "sd over repetitions": f"{c['sd'] * 100:.2f}",
+            "McNemar p per repetition": " / ".join(f"{x:.2g}" for x in c["mcnemar_p"]),
         }
         for name, c in summary["comparisons"].items()
     ]
+    cells = ", ".join(f"r{r['k']}: {r['cell']}" for r in summary["repetitions"])
     report.write_markdown_table(
         arms,
         path,
         f"Test split of {p.downstream_dataset} ({n} images, {p.downstream_size}x{p.downstream_size}); "
-        f"{summary['labels']} labels ({p.downstream.labels_per_class} per class), {seeds} seeds",
-        extra=[("Paired differences (bootstrap over test images and seeds)", comps)],
+        f"{reps} repetitions, each its own pretraining run and label subset ({cells}); "
+        f"{p.downstream.labels_per_class} labels per class, of which {summary['labels']} train every arm and "
+        f"the pixel floor and {summary['dev_labels']} are held out for the run's choices",
+        extra=[("Paired differences (bootstrap over test images and repetitions)", comps)],
     )

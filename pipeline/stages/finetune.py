@@ -1,6 +1,6 @@
-"""Stage `finetune`: the selected encoder + a new head trained end to end, once per downstream
-seed, on that seed's label budget, with MAE's fine-tuning recipe: AdamW, layer-wise lr decay,
-label smoothing, drop path and a batched augmentation.
+"""Stage `finetune`: each repetition's encoder + a new head trained end to end on that repetition's
+training labels: AdamW, optional layer-wise lr decay, label smoothing and drop path, a batched
+augmentation, for `finetune.steps_for(labels)` steps.
 
 `init: random` is the `scratch` control: the same architecture, head, recipe and steps from random
 weights, so the gap to `finetune` is what MAE pretraining bought."""
@@ -13,7 +13,7 @@ from .. import loop, optim, runtime
 from ..augment import augment
 from ..model import Classifier, Encoder
 from ..params import Params, flatten
-from . import arm
+from . import arm, encoders
 
 NAMES = {"pretrained": "finetune", "random": "scratch"}
 KEEP = ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -24,9 +24,9 @@ def run(p: Params, init: str = "pretrained") -> None:
     lr_encoder, lr_head = (optim.scaled_lr(lr, ft.batch_size) for lr in (ft.lr_encoder, ft.lr_head))
     name = NAMES[init]
 
-    def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
-        # Every repetition starts from the same pretrained weights (or fresh random ones).
-        encoder = Encoder(encoder.cfg) if init == "random" else copy.deepcopy(encoder)
+    def train_one(*, seed, encoder, cfg, num_classes, x_train, y_train, x_val, y_val, device, on_round):
+        # Every repetition starts from its pretrained weights (or fresh random ones).
+        encoder = Encoder(cfg) if encoder is None else copy.deepcopy(encoder)
         head = {"num_classes": num_classes, "head": ft.head, "pool": p.model.pool, "mlp_hidden": ft.mlp_hidden}
         clf = Classifier(encoder, **head).to(device)
         clf.encoder.set_drop_path(ft.drop_path)
@@ -36,7 +36,7 @@ def run(p: Params, init: str = "pretrained") -> None:
         optimizer = optim.make_optimizer(ft.optimizer, groups, device)
         net = runtime.Compiled(runtime.distribute(clf, device), runtime.want_compile(p.compile, device), name)
         gen = torch.Generator(device=device).manual_seed(seed + 2)
-        n_rounds, per_round = arm.rounds(ft.steps)
+        n_rounds, per_round = arm.rounds(ft.steps_for(len(x_train)))
         history = loop.fit_classifier(
             stage=name,
             module=clf,
@@ -68,5 +68,6 @@ def run(p: Params, init: str = "pretrained") -> None:
             "finetune.lr_encoder_scaled": lr_encoder,
             "finetune.lr_head_scaled": lr_head,
         },
+        encoders.for_arm(p, init),
         train_one,
     )

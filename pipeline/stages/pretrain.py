@@ -8,8 +8,9 @@ from .. import checkpoint, data, dist, figures, loop, optim, report, runtime, tr
 from ..augment import augment
 from ..errors import UserError
 from ..model import MAE, masked_pixel_sse, num_visible, unpatchify
-from ..params import Params, cell_name, check_cell, flatten, vit_config
+from ..params import Params, cell_name, check_cell, flatten
 from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, mae_path
+from .vit import vit_config
 
 FIGURE_IMAGES = 8
 
@@ -28,8 +29,8 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     x_train = runtime.to_device(d["x_train"][: p.pretrain.train_limit], device)
     x_val = runtime.to_device(d["x_val"][: p.pretrain.val_limit], device)
     cfg = vit_config(p, patch, d)
-    m, pt = p.model, p.pretrain
-    decoder = {"decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "decoder_heads": m.decoder_heads}
+    pt = p.pretrain
+    decoder = decoder_params(p)
     mae = MAE(cfg, mask_ratio, loss=pt.loss, **decoder).to(device)
     params = {
         "seed": p.seed,
@@ -45,7 +46,7 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     }
     with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
         run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")
-        result = train_mae(p, mae, x_train, x_val, pt, f"pretrain {cell}", run, device)
+        result = train_mae(p, mae, x_train, x_val, pt, f"pretrain {cell}", run, device, p.seed)
         if result is None:
             return
         metrics = {
@@ -70,7 +71,13 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
             curve_figure=IMAGES / "pretrain_curve" / f"{cell}.png",
             phases=pt.phases,
             decoder=decoder,
+            title=cell,
         )
+
+
+def decoder_params(p: Params) -> dict:
+    m = p.model
+    return {"decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "decoder_heads": m.decoder_heads}
 
 
 def effective_mask_ratio(num_patches: int, mask_ratio: float) -> float:
@@ -78,15 +85,17 @@ def effective_mask_ratio(num_patches: int, mask_ratio: float) -> float:
     return (num_patches - num_visible(num_patches, mask_ratio)) / num_patches
 
 
-def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, device) -> dict | None:
+def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, device, seed: int) -> dict | None:
     """Train `mae` on `x_train` (uint8 on the device) under `schedule` (phases, batch size, lr,
-    weight decay, warm-up), logging each epoch to `run`. Returns the final numbers and the curve on
-    the main process, None elsewhere (under torchrun only rank 0 writes)."""
+    weight decay, warm-up), its batch order and augmentation drawn from `seed`, logging each epoch
+    to `run`. Validation uses the same masks (from `p.seed`) for every run, so val curves of
+    different runs compare. Returns the final numbers and the curve on the main process, None
+    elsewhere (under torchrun only rank 0 writes)."""
     lr = optim.scaled_lr(schedule.lr, schedule.batch_size)
     optimizer = optim.make_optimizer("adamw", optim.param_groups(mae, lr, schedule.weight_decay), device)
     net = runtime.Compiled(runtime.distribute(mae, device), runtime.want_compile(p.compile, device), stage)
     phase_of = schedule.phase_of()
-    aug_gen = torch.Generator(device=device).manual_seed(p.seed + 2)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 2)
     ops_of_epoch = [schedule.phases[phase - 1].augment for phase in phase_of]
 
     def step(idx, epoch):
@@ -130,7 +139,7 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
         batch_size=schedule.batch_size,
         warmup_epochs=schedule.warmup_epochs,
         device=device,
-        seed=p.seed,
+        seed=seed,
         step=step,
         validate=validate,
         on_epoch=on_epoch,
@@ -161,6 +170,7 @@ def write_outputs(
     curve_figure,
     phases,
     decoder,
+    title,
 ) -> None:
     """The files every MAE training leaves: checkpoint, metrics, curve, reconstructions, curve figure."""
     score = (
@@ -168,12 +178,12 @@ def write_outputs(
         if metrics.get("val_mse") is not None
         else f"val loss {metrics['val_loss']:.4f}"
     )
-    _reconstruction_figure(mae, x_val[:FIGURE_IMAGES], device, p.seed, f"MAE {name}: {score}", recon_path)
+    _reconstruction_figure(mae, x_val[:FIGURE_IMAGES], device, p.seed, f"MAE {title}: {score}", recon_path)
     checkpoint.save(model_path, checkpoint.mae_payload(mae, decoder=decoder, cell=name, metrics=metrics))
     report.write_json(metrics, metrics_path)
     report.write_csv(result["curve"], curve_path)
     figures.pretrain_curve_figure(
-        result["curve"], [ph.describe() for ph in phases], f"MAE {name}: loss per epoch", curve_figure
+        result["curve"], [ph.describe() for ph in phases], f"MAE {title}: loss per epoch", curve_figure
     )
     for path in (recon_path, curve_figure, curve_path):
         run.log_artifact(path)

@@ -1,44 +1,50 @@
-"""Stage `pretrain_full`: the selected grid cell, pretrained on from its grid weights on every
-unlabelled training image (`pretrain_full.*`), so the encoder that goes downstream gets the
-pretraining budget while the grid only screens cells cheaply."""
+"""Stage `pretrain_full@k`: repetition k's pretraining run. A fresh MAE of the cell repetition k
+selected, trained from its own seed on every unlabelled training image (`pretrain_full.*`), so the
+encoder each repetition takes downstream is an independent pretraining run and its noise enters
+the intervals `evaluate` reports; the grid only screens cells cheaply."""
 
-from .. import checkpoint, data, optim, runtime, tracking
+from .. import data, optim, repetition, runtime, tracking
+from ..model import MAE
 from ..params import Params, flatten
-from . import ENCODER, IMAGES, METRICS, MODELS, PLOTS, PRETRAIN_DATA
-from .pretrain import effective_mask_ratio, train_mae, write_outputs
+from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, encoder_path, selected
+from .pretrain import decoder_params, effective_mask_ratio, train_mae, write_outputs
+from .vit import vit_config
 
 
-def run(p: Params) -> None:
-    device = runtime.setup(p.device, p.seed)
-    best = checkpoint.load(MODELS / "best.pt")
-    mae = checkpoint.build_mae(best).to(device)
-    cell = best["meta"]["cell"]
+def run(p: Params, k: int) -> None:
+    cell = selected(k)
+    seed = repetition.seed_of(p.seed, k)
+    device = runtime.setup(p.device, seed)
     d = data.load_prepared(PRETRAIN_DATA)
     pf = p.pretrain_full
     x_train = runtime.to_device(d["x_train"][: pf.train_limit], device)
     x_val = runtime.to_device(d["x_val"][: p.pretrain.val_limit], device)
+    decoder = decoder_params(p)
+    mae = MAE(vit_config(p, cell["patch"], d), cell["mask_ratio"], loss=p.pretrain.loss, **decoder).to(device)
+    name = f"r{k}-{cell['cell']}"
     params = {
         "seed": p.seed,
+        "repetition": k,
+        "repetition_seed": seed,
         "device": p.device,
         "compile": p.compile,
-        "cell": cell,
+        "cell": cell["cell"],
         "loss": mae.loss_kind,
+        **flatten(p.model, "model."),
         **flatten(pf, "pretrain_full."),
         "pretrain_full.lr_scaled": optim.scaled_lr(pf.lr, pf.batch_size),
     }
-    with tracking.start(p.mlflow.experiment, "pretrain_full", params, p.data.dataset, cell) as run:
+    with tracking.start(p.mlflow.experiment, "pretrain_full", params, p.data.dataset, name) as run:
         run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")
-        result = train_mae(p, mae, x_train, x_val, pf, f"pretrain_full {cell}", run, device)
+        result = train_mae(p, mae, x_train, x_val, pf, f"pretrain_full {name}", run, device, seed)
         if result is None:
             return
-        grid_steps = best["meta"]["metrics"].get("steps")
         metrics = {
-            "cell": cell,
+            "repetition": k,
+            "cell": cell["cell"],
             "patch": mae.cfg.patch,
             "mask_ratio": mae.mask_ratio,
             "mask_ratio_effective": effective_mask_ratio(mae.cfg.num_patches, mae.mask_ratio),
-            "grid_steps": grid_steps,
-            "grid_val_mse": best["meta"]["metrics"].get("val_mse"),
             "train_images": len(x_train),
             **result["final"],
         }
@@ -48,14 +54,15 @@ def run(p: Params) -> None:
             metrics,
             x_val,
             p,
-            cell,
+            cell["cell"],
             run,
             device,
-            model_path=ENCODER,
-            metrics_path=METRICS / "pretrain_full.json",
-            curve_path=PLOTS / "pretrain_full" / "curve.csv",
-            recon_path=IMAGES / "recon_full.png",
-            curve_figure=IMAGES / "pretrain_full_curve.png",
+            model_path=encoder_path(k),
+            metrics_path=METRICS / "pretrain_full" / f"r{k}.json",
+            curve_path=PLOTS / "pretrain_full" / f"r{k}.csv",
+            recon_path=IMAGES / "pretrain_full" / f"r{k}-recon.png",
+            curve_figure=IMAGES / "pretrain_full" / f"r{k}-curve.png",
             phases=pf.phases,
-            decoder=best["decoder"],
+            decoder=decoder,
+            title=f"{cell['cell']}, repetition {k}",
         )

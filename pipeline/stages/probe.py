@@ -1,12 +1,12 @@
-"""Stage `probe`: the frozen encoder + a new head (LARS, warm-up + cosine), once per downstream
-seed, on that seed's label budget.
+"""Stage `probe`: each repetition's frozen encoder + a new head (LARS, warm-up + cosine) trained on
+that repetition's training labels for `probe.steps_for(labels)` steps.
 
 `init: random` probes an untrained encoder of the same shape: the floor any pretraining must beat."""
 
 from .. import loop, optim, runtime
 from ..model import Classifier, Encoder
 from ..params import Params, flatten
-from . import arm
+from . import arm, encoders
 
 NAMES = {"pretrained": "probe", "random": "probe_random"}
 KEEP = ("train_loss", "val_loss", "val_acc")
@@ -16,9 +16,9 @@ def run(p: Params, init: str = "pretrained") -> None:
     pr = p.probe
     lr = optim.scaled_lr(pr.lr, pr.batch_size)
 
-    def train_one(*, seed, encoder, num_classes, x_train, y_train, x_val, y_val, device, on_round):
-        if init == "random":
-            encoder = Encoder(encoder.cfg)
+    def train_one(*, seed, encoder, cfg, num_classes, x_train, y_train, x_val, y_val, device, on_round):
+        if encoder is None:
+            encoder = Encoder(cfg)
         head = {"num_classes": num_classes, "head": pr.head, "pool": p.model.pool, "mlp_hidden": pr.mlp_hidden}
         clf = Classifier(encoder, **head).to(device)
         clf.encoder.requires_grad_(False)
@@ -30,7 +30,7 @@ def run(p: Params, init: str = "pretrained") -> None:
             s: loop.predict(clf.features, x, pr.batch_size, device) for s, x in (("train", x_train), ("val", x_val))
         }
         optimizer = optim.make_optimizer(pr.optimizer, optim.param_groups(clf.head, lr, pr.weight_decay), device)
-        n_rounds, per_round = arm.rounds(pr.steps)
+        n_rounds, per_round = arm.rounds(pr.steps_for(len(x_train)))
         history = loop.fit_classifier(
             stage=NAMES[init],
             module=clf.head,
@@ -50,4 +50,10 @@ def run(p: Params, init: str = "pretrained") -> None:
         )
         return clf, head, [{k: h[k] for k in KEEP} for h in history]
 
-    arm.run(p, NAMES[init], {"init": init, **flatten(pr, "probe."), "probe.lr_scaled": lr}, train_one)
+    arm.run(
+        p,
+        NAMES[init],
+        {"init": init, **flatten(pr, "probe."), "probe.lr_scaled": lr},
+        encoders.for_arm(p, init),
+        train_one,
+    )
