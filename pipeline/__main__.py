@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        return guarded(lambda: _run(args))
+        return guarded(lambda: _run(args, sys.argv[1:] if argv is None else argv))
     finally:
         if args.stage in DATA_PARALLEL:
             import importlib
@@ -40,7 +40,29 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(".runtime", __package__).teardown()
 
 
-def _run(args) -> int:
+def _preflight(argv: list[str]) -> None:
+    """A tracking server that does not answer stops the stage before it computes anything. Under
+    DVC, which removed this stage's outputs before running it, they are put back as dvc.lock
+    records them, so the refusal changes nothing in the workspace."""
+    import os
+
+    from . import dist
+    from .errors import UserError
+    from .store import check_reachable, tracking_uri
+
+    if not dist.is_main():
+        return
+    try:
+        check_reachable(tracking_uri())
+    except UserError:
+        if os.environ.get("DVC_ROOT"):
+            from .lockfile import restore_outputs
+
+            restore_outputs(" ".join(["python", "-m", "pipeline", *argv]))
+        raise
+
+
+def _run(args, argv: list[str]) -> int:
     # Stage modules are imported by name, so the static import graph of this file holds only what
     # every stage needs: each stage's DVC code deps are this file's imports plus its own module's
     # (tools/codedeps.py derives them from that graph).
@@ -63,6 +85,7 @@ def _run(args) -> int:
     if args.stage == "pretrain" and (args.patch is None or args.mask is None):
         raise UserError("pretrain needs --patch and --mask (one grid cell)")
     p = params_mod.load(args.params)
+    _preflight(argv)
     if args.stage == "pretrain_full" and args.rep not in p.repetitions:
         raise UserError(f"pretrain_full needs --rep, one of repetitions {list(p.repetitions)}; got {args.rep}")
     stage = importlib.import_module(f".stages.{args.stage}", __package__)

@@ -10,8 +10,9 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -20,6 +21,9 @@ from . import dist
 from .errors import UserError
 from .optim import warmup_cosine
 from .runtime import as_float, autocast
+
+if TYPE_CHECKING:
+    from .resume import Resume
 
 
 class Diverged(UserError):
@@ -46,14 +50,19 @@ def batch_indices(
     return list(order[: full * batch_size].split(batch_size))
 
 
-def _batch_stream(n: int, batch_size: int, device: torch.device, generator: torch.Generator):
-    """Endless full batches cut from back-to-back permutations: no image repeats within a pass."""
-    rest = torch.empty(0, dtype=torch.int64, device=device)
-    while True:
-        while len(rest) < batch_size:
-            rest = torch.cat([rest, torch.randperm(n, device=device, generator=generator)])
-        batch, rest = rest[:batch_size], rest[batch_size:]
-        yield batch
+class BatchStream:
+    """Endless full batches cut from back-to-back permutations: no image repeats within a pass.
+    Its state (what is left of the current permutation) is saved with a resume checkpoint."""
+
+    def __init__(self, n: int, batch_size: int, device: torch.device, generator: torch.Generator):
+        self.n, self.batch_size, self.device, self.generator = n, batch_size, device, generator
+        self.rest = torch.empty(0, dtype=torch.int64, device=device)
+
+    def __next__(self) -> torch.Tensor:
+        while len(self.rest) < self.batch_size:
+            self.rest = torch.cat([self.rest, torch.randperm(self.n, device=self.device, generator=self.generator)])
+        batch, self.rest = self.rest[: self.batch_size], self.rest[self.batch_size :]
+        return batch
 
 
 PROGRESS_LOSS_EVERY = 10  # steps between loss readouts on the bar (each one is a host sync)
@@ -93,6 +102,8 @@ def fit(
     validate: Callable[[], dict[str, float]],
     on_epoch: Callable[[int, dict[str, float]], None],
     steps_per_epoch: int | None = None,
+    resume: Resume | None = None,
+    generators: Sequence[torch.Generator] = (),
 ) -> list[dict[str, float]]:
     """Train for `epochs`; after each, validate and hand the epoch's metrics to `on_epoch`.
 
@@ -103,7 +114,12 @@ def fit(
 
     Under torchrun every process draws the same global batches (same seed) and trains on its
     slice of each; `step` must call a `distribute`d module so gradients are averaged, which makes
-    an update the same as one process's on the whole batch."""
+    an update the same as one process's on the whole batch.
+
+    `resume`: after every epoch the model, optimiser, schedule, batch order and every random state
+    (the global one and `generators`, e.g. the augmentation's) are saved there; a run that finds a
+    state continues after its last epoch (replaying the earlier epochs to `on_epoch`, so curves and
+    MLflow get the whole history) and ends with the same bytes as an uninterrupted run."""
     generator = torch.Generator(device=device).manual_seed(seed)
     world = dist.world_size()
     if world > 1 and min(batch_size, n_train) % world:
@@ -117,10 +133,16 @@ def fit(
     if steps_per_epoch is None:
         steps_per_epoch = len(batch_indices(n_train, batch_size, device, torch.Generator(device=device)))
     else:
-        stream = _batch_stream(n_train, min(batch_size, n_train), device, generator)
+        stream = BatchStream(n_train, min(batch_size, n_train), device, generator)
     scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch, int(round(warmup_epochs * steps_per_epoch)))
-    history = []
-    for epoch in range(1, epochs + 1):
+    where = (
+        (lambda e: f"epoch {e}/{epochs}")
+        if stream is None
+        else (lambda e: f"step {e * steps_per_epoch}/{epochs * steps_per_epoch}")
+    )
+    parts = (model, optimizer, scheduler, stream, [generator, *generators])
+    history = _resumed(resume, parts, stage, where, on_epoch)
+    for epoch in range(len(history) + 1, epochs + 1):
         started = time.perf_counter()
         batches = (
             batch_indices(n_train, batch_size, device, generator)
@@ -135,15 +157,47 @@ def fit(
             metrics.update(validate())
         _check_finite(stage, epoch, metrics)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
+        history.append(metrics)
+        if resume is not None:  # before the epoch's line: a line seen means a state saved
+            resume.save(_state(parts, history))
         if dist.is_main():
             shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "lr")
-            where = (
-                f"epoch {epoch}/{epochs}"
-                if stream is None
-                else f"step {epoch * steps_per_epoch}/{epochs * steps_per_epoch}"
-            )
-            print(f"{stage} {where}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
-        history.append(metrics)
+            print(f"{stage} {where(epoch)}: {shown} ({time.perf_counter() - started:.1f}s)", flush=True)
+        on_epoch(epoch, metrics)
+    return history
+
+
+def _state(parts, history: list[dict]) -> dict:
+    model, optimizer, scheduler, stream, generators = parts
+    from .resume import rng_state
+
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "stream": None if stream is None else stream.rest.cpu(),
+        "rng": rng_state(generators),
+        "history": history,
+    }
+
+
+def _resumed(resume: Resume | None, parts, stage: str, where, on_epoch) -> list[dict]:
+    """The epochs a saved state already holds (restored into `parts`, replayed to `on_epoch`)."""
+    state = resume.load() if resume is not None else None
+    if state is None:
+        return []
+    model, optimizer, scheduler, stream, generators = parts
+    from .resume import set_rng_state
+
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if stream is not None:
+        stream.rest = state["stream"].to(stream.device)
+    set_rng_state(state["rng"], generators)
+    history = state["history"]
+    print(f"{stage}: resuming after {where(len(history))} (saved in {resume.path})", flush=True)
+    for epoch, metrics in enumerate(history, 1):
         on_epoch(epoch, metrics)
     return history
 
@@ -239,6 +293,8 @@ def fit_classifier(
     eval_forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
     steps_per_epoch: int | None = None,
     label_smoothing: float = 0.0,
+    resume: Resume | None = None,
+    generators: Sequence[torch.Generator] = (),
 ) -> list[dict[str, float]]:
     """Cross-entropy training of `forward` (inputs -> logits); `module` holds what is trained.
 
@@ -276,4 +332,6 @@ def fit_classifier(
         validate=validate,
         on_epoch=on_epoch,
         steps_per_epoch=steps_per_epoch,
+        resume=resume,
+        generators=generators,
     )

@@ -10,8 +10,6 @@ import contextlib
 import fcntl
 import os
 import subprocess
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,14 +17,7 @@ from typing import Any
 from . import dist
 from .errors import UserError
 from .signals import held
-
-
-def repo_root() -> Path:
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+from .store import check_reachable, repo_root, tracking_uri
 
 
 def git_commit(root: Path) -> str | None:
@@ -50,20 +41,6 @@ def provenance() -> dict[str, str]:
     if os.environ.get("DVC_EXP_NAME"):
         out["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     return out
-
-
-def _check_reachable(uri: str) -> None:
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
-            r.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise UserError(
-            f"mlflow: tracking server MLFLOW_TRACKING_URI = {uri} cannot be reached "
-            f"({reason}); start it or unset MLFLOW_TRACKING_URI to use the local store"
-        ) from None
 
 
 @contextlib.contextmanager
@@ -280,7 +257,7 @@ def start(
         yield StageRun()
         return
     uri = tracking_uri()
-    _check_reachable(uri)
+    check_reachable(uri)
     # Fail fast instead of retrying a dead server for minutes (read by MLflow's HTTP client).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

@@ -217,6 +217,17 @@ def test_mlflow_ui_lists_the_cells_and_draws_a_metric_chart(browser, built, caps
         assert "maepipe" in page.inner_text("body")
         _screenshot(page, "mlflow-experiment-runs.png", capsys)
 
+        # The two invocations' parents compared: the params they differ in, beside the metrics.
+        parents = [r for r in client.search_runs([exp.experiment_id], "tags.`maepipe.level` = 'pipeline'")]
+        assert sorted(r.info.run_name for r in parents)[-1] == "pinned" and len(parents) == 2
+        ids = ",".join(f'"{r.info.run_id}"' for r in parents)
+        page.goto(f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{exp.experiment_id}"]')
+        page.get_by_text("finetune.min_steps").first.wait_for(timeout=90_000)
+        body = page.inner_text("body")
+        assert "No parameters to display" not in body and "pinned" in body, body[-3000:]
+        assert "patch" in body and "ft-scratch" in body, body[-3000:]
+        _screenshot(page, "mlflow-compare-parents.png", capsys)
+
         # The registered model, with its champion alias.
         page.goto(f"{url}/#/models/maepipe-digits")
         page.get_by_text("champion").first.wait_for(timeout=90_000)

@@ -399,6 +399,26 @@ def test_unreachable_tracking_server_is_one_clear_error(tiny_repo):
     assert not (tiny_repo / "data" / "prepared").exists()
 
 
+def test_a_stopped_tracking_server_changes_nothing(repro_copy):
+    """A repo that has run, MLFLOW_TRACKING_URI pointing at a server that is down: `dvc repro` of a
+    stage (whose outputs DVC removes before running it) and `dvc exp run` of the whole pipeline
+    each stop with one line, and git and DVC find the workspace as it was."""
+    repo = repro_copy
+    dead = f"http://127.0.0.1:{free_port()}"
+    for cmd in (
+        ["dvc", "repro", "-f", "-s", "probe"],
+        ["dvc", "repro", "-f", "-s", "pretrain@8-0.5"],
+        ["dvc", "exp", "run", "-f"],
+    ):
+        out = sh(cmd, repo, check=False, MLFLOW_TRACKING_URI=dead)
+        text = out.stdout + out.stderr
+        errors = [line for line in text.splitlines() if line.startswith("maepipe: error:")]
+        assert out.returncode != 0 and len(errors) == 1 and "cannot be reached" in errors[0], (cmd, text)
+        assert "Traceback" not in text, text
+        assert sh(["git", "status", "--porcelain"], repo).stdout == "", cmd
+        assert "up to date" in sh(["dvc", "status"], repo).stdout, cmd
+
+
 def test_nan_loss_stops_pretrain_without_outputs(tiny_repo):
     write_params(tiny_repo, tiny_params(**{"pretrain.lr": 1e30}))
     assert cli(tiny_repo, "data").returncode == 0
@@ -486,53 +506,65 @@ def test_dvc_remote_round_trip_needs_no_retraining(repro_copy, tmp_path):
     assert not (clone / "mlflow.db").exists(), "a pulled clone retrained something"
 
 
-def test_kill_9_mid_pretrain_then_repro_finishes_with_the_same_results(repro_copy, repro):
-    """SIGKILL the whole `dvc repro` (as an OOM killer or a lost node would) inside a grid cell's
-    first run; the next `dvc repro` runs the cell again, its outputs equal the uninterrupted run's
-    byte for byte, and nothing downstream has anything to do."""
+def _kill_during(repo, cmd: list[str], line_start: str, occurrence: int = 1) -> list[str]:
+    """Run `cmd` and SIGKILL its whole process group (as an OOM killer or a lost node would) when
+    the `occurrence`-th line starting with `line_start` appears; -> the lines seen."""
     import os
-    import shutil
     import signal
     import subprocess
 
     from conftest import env
 
-    base, _ = repro
-    repo = repro_copy
-    # As if the cell had never run: no lock entry, no outputs, no run cache to restore it from.
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    del lock["stages"]["pretrain@4-0.75"]
-    (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
-    shutil.rmtree(repo / ".dvc" / "cache" / "runs")
-    for rel in ("metrics/pretrain/p4-m0.75.json", "plots/pretrain/p4-m0.75.csv", "models/mae/p4-m0.75.pt"):
-        (repo / rel).unlink()
     proc = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=repo,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+        cmd, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
     seen = []
     try:
         for line in proc.stdout:
             seen.append(line)
-            # The cell has finished one epoch of two: kill in the middle of it.
-            if line.startswith("pretrain p4-m0.75 epoch 1/2"):
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
+            if line.startswith(line_start):
+                occurrence -= 1
+                if occurrence == 0:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    break
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    # Nothing half-written stands in for the cell's outputs.
+    return seen
+
+
+def test_kill_9_mid_grid_cell_resumes_and_ends_with_the_uninterrupted_bytes(repro_copy, repro):
+    """A grid cell killed after its first epoch of two: the next run of the stage says where it
+    resumes, trains only the second epoch, and writes the uninterrupted run's exact bytes."""
+    base, _ = repro
+    repo = repro_copy
+    _kill_during(repo, ["dvc", "repro", "-f", "-s", "pretrain@4-0.75"], "pretrain p4-m0.75 epoch 1/2")
+    # DVC removed the cell's outputs before running it; nothing half-written took their place.
     assert not (repo / "metrics" / "pretrain" / "p4-m0.75.json").exists()
-    assert not list((repo / "models" / "mae").glob(".*tmp*"))
-    out = sh(["dvc", "repro"], repo).stdout
-    assert "Running stage 'pretrain@4-0.75'" in out and "Stage 'pretrain@4-0.5' didn't change" in out
-    # Same bytes as before, so nothing downstream of the cell had anything to do.
-    assert "Running stage 'select'" not in out, out
-    for rel in ("metrics/pretrain/p4-m0.75.json", "plots/pretrain/p4-m0.75.csv", "models/mae/p4-m0.75.pt"):
+    assert not list((repo / "models").rglob(".*tmp*"))
+    out = sh(["dvc", "repro", "-f", "-s", "pretrain@4-0.75"], repo).stdout
+    assert "pretrain p4-m0.75: resuming after epoch 1/2" in out, out
+    assert "pretrain p4-m0.75 epoch 2/2" in out and "pretrain p4-m0.75 epoch 1/2" not in out, out
+    for rel in ("models/mae/p4-m0.75.pt", "metrics/pretrain/p4-m0.75.json", "plots/pretrain/p4-m0.75.csv"):
         assert (repo / rel).read_bytes() == (base / rel).read_bytes(), rel
+    assert not list((repo / ".maepipe" / "resume").iterdir())  # cleared once the outputs are written
     assert "up to date" in sh(["dvc", "status"], repo).stdout
+
+
+def test_kill_9_mid_finetune_resumes_the_repetition_it_was_in(repro_copy, repro):
+    """The fine-tune killed half-way through its second repetition: the next run keeps the first
+    (finished before the kill, though DVC removed its checkpoint), resumes the second at its last
+    validation, and both checkpoints equal the uninterrupted run's byte for byte."""
+    base, _ = repro
+    repo = repro_copy
+    _kill_during(repo, ["dvc", "repro", "-f", "-s", "finetune"], "finetune step 10/20", occurrence=2)
+    out = sh(["dvc", "repro", "-f", "-s", "finetune"], repo).stdout
+    assert "finetune: resuming after step 20/20" in out and "finetune: resuming after step 10/20" in out, out
+    assert out.count("finetune step 12/20") == 1, out  # only the second repetition's rest trained
+    for rel in ("models/finetune/r0.pt", "models/finetune/r1.pt", "metrics/finetune.json", "plots/finetune/curve.csv"):
+        assert (repo / rel).read_bytes() == (base / rel).read_bytes(), rel
+    # A changed param is another run: its state is not resumed.
+    _kill_during(repo, ["dvc", "repro", "-f", "-s", "finetune"], "finetune step 10/20")
+    write_params(repo, tiny_params(**{"finetune.lr_head": 1e-3}))
+    out = sh(["dvc", "repro", "-s", "finetune"], repo).stdout
+    assert "resuming" not in out and len(list((repo / ".maepipe" / "resume").iterdir())) == 0, out

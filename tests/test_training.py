@@ -49,11 +49,17 @@ def test_layer_decay_groups_scale_lr_by_depth():
 
 def test_fixed_steps_stream_full_batches_across_permutations():
     gen = torch.Generator().manual_seed(0)
-    stream = loop._batch_stream(10, 4, torch.device("cpu"), gen)
+    stream = loop.BatchStream(10, 4, torch.device("cpu"), gen)
     batches = [next(stream) for _ in range(5)]  # 20 indices: exactly two permutations of 10
     assert all(len(b) == 4 for b in batches)
     flat = torch.cat(batches)
     assert sorted(flat[:10].tolist()) == list(range(10)) and sorted(flat[10:].tolist()) == list(range(10))
+    # Its state is what is left of the current permutation: a copy carried on from it (as a resumed
+    # run does) draws exactly what the original draws next.
+    other = loop.BatchStream(10, 4, torch.device("cpu"), torch.Generator().manual_seed(0))
+    other.generator.set_state(gen.get_state())
+    other.rest = stream.rest.clone()
+    assert all(torch.equal(next(stream), next(other)) for _ in range(4))
 
 
 def test_warmup_cosine():

@@ -12,6 +12,7 @@ import torch
 
 from .. import checkpoint, data, dist, fsutil, loop, repetition, report, runtime, serving, stats, tracking
 from ..params import Params, flatten
+from ..resume import Resume, fingerprint
 from . import DOWNSTREAM_DATA, METRICS, PLOTS, REPETITIONS, arm_path
 from .budget import draw_key
 
@@ -34,9 +35,11 @@ def run(
 ) -> None:
     """Train `arm` once per repetition on that repetition's training labels and write its outputs.
 
-    `encoder_of(d, k)` -> (pretrained encoder or None, its ViT config, cell) for repetition k.
-    `train_one(seed=, encoder=, cfg=, num_classes=, x_train=, y_train=, x_val=, y_val=, device=,
-    on_round=)` builds and trains one classifier, returning (classifier, head kwargs, history)."""
+    `encoder_of(d, k)` -> (pretrained encoder or None, its ViT config, cell, the file it came from)
+    for repetition k. `train_one(seed=, encoder=, cfg=, num_classes=, x_train=, y_train=, x_val=,
+    y_val=, device=, on_round=, resume=)` builds and trains one classifier, returning (classifier,
+    head kwargs, history); `resume` lets a killed stage continue where it was (and skip the
+    repetitions it had finished)."""
     device = runtime.setup(p.device, p.seed)
     d = data.load_prepared(DOWNSTREAM_DATA)
     reps = repetition.load(REPETITIONS, draw_key(p))
@@ -52,10 +55,14 @@ def run(
     }
     cells = [encoder_of(d, rep.k) for rep in reps]
     names = ",".join(sorted({c[2] for c in cells}))
+    resumes = [
+        Resume.maybe(f"{arm}-r{rep.k}", fingerprint(flatten(p), [DOWNSTREAM_DATA, REPETITIONS, source], arm))
+        for rep, (_, _, _, source) in zip(reps, cells)
+    ]
     with tracking.start(p.mlflow.experiment, arm, params, p.downstream_dataset, names) as mlrun:
         mlrun.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "training")
         per_rep, curves = [], []
-        for rep, (encoder, cfg, cell) in zip(reps, cells):
+        for rep, (encoder, cfg, cell, _), resume in zip(reps, cells, resumes):
             curve = []
 
             def on_round(step, metrics, curve=curve, k=rep.k):
@@ -74,6 +81,7 @@ def run(
                 y_val=y_val,
                 device=device,
                 on_round=on_round,
+                resume=resume,
             )
             if not dist.is_main():
                 continue
@@ -86,6 +94,9 @@ def run(
             curves.append(curve)
         if dist.is_main():
             _write_summary(p, arm, mlrun, per_rep, curves)
+    for resume in resumes:
+        if resume is not None:
+            resume.clear()
 
 
 def _dev_accuracy(clf, d: dict, rep: repetition.Repetition, device) -> float:

@@ -53,15 +53,16 @@ def control_config(p: Params, d: dict, k: int) -> tuple[ViTConfig, str]:
 
 
 def for_arm(p: Params, init: str):
-    """`encoder_of(d, k)` for an arm: (pretrained encoder, its config, cell) for `init: pretrained`;
-    (None, the control's config, cell) for `init: random`, which reads no pretrained weights."""
+    """`encoder_of(d, k)` for an arm: (pretrained encoder, its config, cell, its file) for `init:
+    pretrained`; (None, the control's config, its patch, the architecture file) for `init:
+    random`, which reads no pretrained weights."""
 
     def pretrained_of(d: dict, k: int):
         encoder, cell = pretrained(d, k)
-        return encoder, encoder.cfg, cell
+        return encoder, encoder.cfg, cell, encoder_path(k)
 
     def control_of(d: dict, k: int):
         cfg, cell = control_config(p, d, k)
-        return None, cfg, cell
+        return None, cfg, cell, architecture_path(k)
 
     return pretrained_of if init == "pretrained" else control_of

@@ -24,7 +24,7 @@ def run(p: Params, init: str = "pretrained") -> None:
     lr_encoder, lr_head = (optim.scaled_lr(lr, ft.batch_size) for lr in (ft.lr_encoder, ft.lr_head))
     name = NAMES[init]
 
-    def train_one(*, seed, encoder, cfg, num_classes, x_train, y_train, x_val, y_val, device, on_round):
+    def train_one(*, seed, encoder, cfg, num_classes, x_train, y_train, x_val, y_val, device, on_round, resume):
         # Every repetition starts from its pretrained weights (or fresh random ones).
         encoder = Encoder(cfg) if encoder is None else copy.deepcopy(encoder)
         head = {"num_classes": num_classes, "head": ft.head, "pool": p.model.pool, "mlp_hidden": ft.mlp_hidden}
@@ -55,6 +55,8 @@ def run(p: Params, init: str = "pretrained") -> None:
             seed=seed,
             label_smoothing=ft.label_smoothing,
             on_epoch=lambda r, m: on_round(r * per_round, {k: m[k] for k in KEEP}),
+            resume=resume,
+            generators=[gen],
         )
         return clf, head, [{k: h[k] for k in KEEP} for h in history]
 

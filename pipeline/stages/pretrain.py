@@ -9,6 +9,7 @@ from ..augment import augment
 from ..errors import UserError
 from ..model import MAE, masked_pixel_sse, num_visible, unpatchify
 from ..params import Params, cell_name, check_cell, flatten
+from ..resume import Resume, fingerprint
 from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, mae_path
 from .vit import vit_config
 
@@ -44,9 +45,10 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
         **flatten(pt, "pretrain."),
         "pretrain.lr_scaled": optim.scaled_lr(pt.lr, pt.batch_size),
     }
+    resume = Resume.maybe(f"pretrain-{cell}", fingerprint(flatten(p), [PRETRAIN_DATA], cell))
     with tracking.start(p.mlflow.experiment, "pretrain", params, p.data.dataset, cell) as run:
         run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")
-        result = train_mae(p, mae, x_train, x_val, pt, f"pretrain {cell}", run, device, p.seed)
+        result = train_mae(p, mae, x_train, x_val, pt, f"pretrain {cell}", run, device, p.seed, resume)
         if result is None:
             return
         metrics = {
@@ -73,6 +75,8 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
             decoder=decoder,
             title=cell,
         )
+    if resume is not None:
+        resume.clear()
 
 
 def decoder_params(p: Params) -> dict:
@@ -85,12 +89,15 @@ def effective_mask_ratio(num_patches: int, mask_ratio: float) -> float:
     return (num_patches - num_visible(num_patches, mask_ratio)) / num_patches
 
 
-def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, device, seed: int) -> dict | None:
+def train_mae(
+    p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, device, seed: int, resume=None
+) -> dict | None:
     """Train `mae` on `x_train` (uint8 on the device) under `schedule` (phases, batch size, lr,
     weight decay, warm-up), its batch order and augmentation drawn from `seed`, logging each epoch
     to `run`. Validation uses the same masks (from `p.seed`) for every run, so val curves of
-    different runs compare. Returns the final numbers and the curve on the main process, None
-    elsewhere (under torchrun only rank 0 writes)."""
+    different runs compare. `resume` (a `resume.Resume`) continues a killed run. Returns the final
+    numbers and the curve on the main process, None elsewhere (under torchrun only rank 0
+    writes)."""
     lr = optim.scaled_lr(schedule.lr, schedule.batch_size)
     optimizer = optim.make_optimizer("adamw", optim.param_groups(mae, lr, schedule.weight_decay), device)
     net = runtime.Compiled(runtime.distribute(mae, device), runtime.want_compile(p.compile, device), stage)
@@ -143,6 +150,8 @@ def train_mae(p: Params, mae: MAE, x_train, x_val, schedule, stage: str, run, de
         step=step,
         validate=validate,
         on_epoch=on_epoch,
+        resume=resume,
+        generators=[aug_gen],
     )
     seconds = time.perf_counter() - start
     if not dist.is_main():

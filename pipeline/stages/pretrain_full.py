@@ -6,7 +6,8 @@ the intervals `evaluate` reports; the grid only screens cells cheaply."""
 from .. import data, optim, repetition, runtime, tracking
 from ..model import MAE
 from ..params import Params, flatten
-from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, encoder_path, selected
+from ..resume import Resume, fingerprint
+from . import IMAGES, METRICS, PLOTS, PRETRAIN_DATA, encoder_path, selected, selection_path
 from .pretrain import decoder_params, effective_mask_ratio, train_mae, write_outputs
 from .vit import vit_config
 
@@ -34,9 +35,10 @@ def run(p: Params, k: int) -> None:
         **flatten(pf, "pretrain_full."),
         "pretrain_full.lr_scaled": optim.scaled_lr(pf.lr, pf.batch_size),
     }
+    resume = Resume.maybe(f"pretrain_full-r{k}", fingerprint(flatten(p), [PRETRAIN_DATA, selection_path(k)], name))
     with tracking.start(p.mlflow.experiment, "pretrain_full", params, p.data.dataset, name) as run:
         run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "training")
-        result = train_mae(p, mae, x_train, x_val, pf, f"pretrain_full {name}", run, device, seed)
+        result = train_mae(p, mae, x_train, x_val, pf, f"pretrain_full {name}", run, device, seed, resume)
         if result is None:
             return
         metrics = {
@@ -66,3 +68,5 @@ def run(p: Params, k: int) -> None:
             decoder=decoder,
             title=f"{cell['cell']}, repetition {k}",
         )
+    if resume is not None:
+        resume.clear()

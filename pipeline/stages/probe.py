@@ -16,7 +16,7 @@ def run(p: Params, init: str = "pretrained") -> None:
     pr = p.probe
     lr = optim.scaled_lr(pr.lr, pr.batch_size)
 
-    def train_one(*, seed, encoder, cfg, num_classes, x_train, y_train, x_val, y_val, device, on_round):
+    def train_one(*, seed, encoder, cfg, num_classes, x_train, y_train, x_val, y_val, device, on_round, resume):
         if encoder is None:
             encoder = Encoder(cfg)
         head = {"num_classes": num_classes, "head": pr.head, "pool": p.model.pool, "mlp_hidden": pr.mlp_hidden}
@@ -47,6 +47,7 @@ def run(p: Params, init: str = "pretrained") -> None:
             device=device,
             seed=seed,
             on_epoch=lambda r, m: on_round(r * per_round, {k: m[k] for k in KEEP}),
+            resume=resume,
         )
         return clf, head, [{k: h[k] for k in KEEP} for h in history]
 
