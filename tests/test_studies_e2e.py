@@ -90,3 +90,23 @@ def test_screen_study_statistics():
     noisy = np.array([[0.1, 0.3], [0.2, 0.4], [0.3, 0.1], [0.4, 0.2]])
     r = study._rho_with_ci(np.array([1.0, 2.0, 3.0, 4.0]), noisy, n_boot=500)
     assert -1 <= r["ci_low"] <= r["ci_high"] <= 1 and r["p_permutation"] > 2 / 24
+
+
+def test_design_choices_report_reads_each_experiment(pinned_template, tmp_path, monkeypatch):
+    """The design-choices report on a repo with an experiment: each row's val accuracies are the
+    experiment's own (from its git ref), its difference from the default computed from them."""
+    import json
+
+    exps, study = _study("exps"), _study("design_choices")
+    repo, _, _ = pinned_template
+    monkeypatch.setattr(exps, "ROOT", repo)
+    monkeypatch.setattr(study, "EXPERIMENTS", {"pinned": {"patch": 8}})
+    rows = study.collect(["pinned"])
+    study.write(rows, root=tmp_path)
+    default, pinned = rows
+    ft = json.loads((repo / "metrics" / "finetune.json").read_text())  # the workspace holds `pinned`
+    assert pinned["finetune"]["mean"] == ft["val_acc_mean"] and default["experiment"] == "default"
+    assert pinned["finetune"]["minus_default"] == pinned["finetune"]["mean"] - default["finetune"]["mean"]
+    assert pinned["changed"] == "patch=8" and len(pinned["probe"]["per_repetition"]) == 2
+    table = (tmp_path / "reports" / "design_choices.md").read_text()
+    assert "| pinned | patch=8 |" in table and "(the default)" in table
