@@ -9,6 +9,7 @@ N=100 point.
 
     python studies/label_efficiency.py run       # the experiments (about 1.5 hours on 2 cores)
     python studies/label_efficiency.py report    # reports/label_efficiency.{md,json}, the figure
+    python studies/label_efficiency.py report --budgets 10 100 1000   # what a study cut short has
 
 `report` reads every experiment's `metrics/evaluate.json` and per-image predictions from its git
 ref and copies the predictions to `reports/label_efficiency/`, so every interval can be recomputed
@@ -39,13 +40,13 @@ PAIRS = (("finetune", "scratch"), ("probe", "probe_random"), ("finetune", "pixel
 OUT = ROOT / "reports" / "label_efficiency"
 
 
-def experiments() -> dict[str, str | None]:
+def experiments(budgets=BUDGETS) -> dict[str, str | None]:
     """Budget -> the experiment that holds it (None: the committed default run in the workspace)."""
-    return {b: None if b == DEFAULT else f"labels-{b}" for b in BUDGETS}
+    return {b: None if b == DEFAULT else f"labels-{b}" for b in budgets}
 
 
-def run() -> None:
-    for budget, name in experiments().items():
+def run(budgets=BUDGETS) -> None:
+    for budget, name in experiments(budgets).items():
         if name is not None:
             sets = ["-S", f"downstream.labels_per_class={budget}"]
             subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *sets], cwd=ROOT, check=True)
@@ -132,10 +133,18 @@ def _figure(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("run", "report"))
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        choices=BUDGETS,
+        default=list(BUDGETS),
+        help="only these labels-per-class budgets (a study cut short reports what it has run)",
+    )
     args = parser.parse_args()
+    budgets = [b for b in BUDGETS if b in args.budgets]
     if args.action == "run":
-        run()
-    write(collect(experiments()))
+        run(budgets)
+    write(collect(experiments(budgets)))
 
 
 if __name__ == "__main__":

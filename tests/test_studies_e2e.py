@@ -57,6 +57,8 @@ def test_label_efficiency_report_reads_each_budgets_experiment(pinned_template, 
     exps, study = _study("exps"), _study("label_efficiency")
     repo, _, _ = pinned_template
     monkeypatch.setattr(exps, "ROOT", repo)
+    # A study cut short reports the budgets it ran; the default's is read from the workspace.
+    assert study.experiments(["10", "100"]) == {"10": "labels-10", "100": None}
     # The workspace holds the last experiment's results, so both entries are the `pinned` run.
     results = study.collect({"workspace": None, "pinned": "pinned"}, out=tmp_path / "copied")
     study.write(results, root=tmp_path)
