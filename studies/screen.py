@@ -149,7 +149,24 @@ def collect() -> dict:
         "cells": names,
         "finetuned_val_acc": finals.tolist(),
         "finetuned_val_acc_mean": finals.mean(1).tolist(),
+        "cells_differ": _cells_differ(finals),
         "criteria": criteria,
+    }
+
+
+def _cells_differ(finals: np.ndarray) -> dict:
+    """Is there anything to rank? One-way ANOVA of the final accuracies: the spread between the
+    cells' means against the spread between pretraining runs of the same cell."""
+    from scipy.stats import f_oneway
+
+    test = f_oneway(*finals)
+    return {
+        "F": float(test.statistic),
+        "p": float(test.pvalue),
+        "between_cells_range": float(np.ptp(finals.mean(1))),
+        "within_cell_run_diff_mean": float(np.abs(finals[:, 0] - finals[:, 1]).mean())
+        if finals.shape[1] == 2
+        else None,
     }
 
 
@@ -174,13 +191,29 @@ def write(result: dict) -> None:
         }
         for k, v in result["criteria"].items()
     ]
+    differ = result["cells_differ"]
+    differ_rows = [
+        {
+            "cells' means, max - min (points)": f"{differ['between_cells_range'] * 100:.2f}",
+            "two runs of one cell, mean absolute difference (points)": (
+                "-"
+                if differ["within_cell_run_diff_mean"] is None
+                else f"{differ['within_cell_run_diff_mean'] * 100:.2f}"
+            ),
+            "one-way ANOVA F": f"{differ['F']:.2f}",
+            "p": f"{differ['p']:.3f}",
+        }
+    ]
     report.write_markdown_table(
         crit_rows,
         ROOT / "reports" / "screen.md",
         f"Screen study: how well each criterion ranks {len(result['cells'])} cells by their fine-tuned val "
         "accuracy after the default's pretraining run (2 runs per cell; val_mse signed so that higher "
         "predicts better)",
-        extra=[("Every cell", cells_rows)],
+        extra=[
+            ("Is there anything to rank? The cells against their own run-to-run noise", differ_rows),
+            ("Every cell", cells_rows),
+        ],
     )
 
 

@@ -3,6 +3,7 @@ CIFAR-10 runs through `dvc exp run` in tests/test_presets_e2e.py, as the `transf
 
 import csv
 
+import pytest
 from conftest import cli, mlflow_runs, tiny_params, write_params
 
 
@@ -92,6 +93,13 @@ def test_screen_study_statistics():
     noisy = np.array([[0.1, 0.3], [0.2, 0.4], [0.3, 0.1], [0.4, 0.2]])
     r = study._rho_with_ci(np.array([1.0, 2.0, 3.0, 4.0]), noisy, n_boot=500)
     assert -1 <= r["ci_low"] <= r["ci_high"] <= 1 and r["p_permutation"] > 2 / 24
+    # Anything to rank: by hand, cell means 0.2 / 0.3 / 0.2 / 0.3 (grand 0.25) and runs 0.1 either
+    # side: between-cell mean square 2 x 4 x 0.05^2 / 3 over within-cell 8 x 0.1^2 / 4, F = 1/3.
+    differ = study._cells_differ(noisy)
+    assert differ["F"] == pytest.approx(1 / 3) and 0.5 < differ["p"] < 1
+    assert differ["between_cells_range"] == pytest.approx(0.1) and differ["within_cell_run_diff_mean"] == pytest.approx(
+        0.2
+    )
 
 
 def test_design_choices_report_reads_each_experiment(pinned_template, tmp_path, monkeypatch):
