@@ -47,14 +47,8 @@ RUNG = 4  # the second rung: this many times the screen's epochs
 OUT = ROOT / "reports" / "screen"
 
 
-def _masks() -> list[float]:
-    import yaml
-
-    return yaml.safe_load((ROOT / "params.yaml").read_text())["grid"]["mask_ratio"]
-
-
 def cells() -> list[tuple[int, float]]:
-    return [(p, m) for p in PATCHES for m in _masks()]
+    return [(p, m) for p in PATCHES for m in _params()["grid"]["mask_ratio"]]
 
 
 def _exp(args: list[str], name: str, targets: list[str] = ()) -> None:
