@@ -1,9 +1,10 @@
 """Datasets: where they come from, how their files are checked and read, and the prepared file.
 
-Sources are tried in order: a local copy under `data.raw_dir/<dataset>`, an OS package, a
-bundled copy (scikit-learn's digits), then torchvision's real download into the local folder.
-The prepared file is one `.npz` per dataset with uint8 NCHW images and fixed splits; it is read
-with `allow_pickle=False`.
+A built-in dataset's sources are tried in order: a local copy under `data.raw_dir/<dataset>`, an
+OS package, a bundled copy (scikit-learn's digits), then torchvision's real download into the
+local folder. Any other name is an image folder `data.raw_dir/<name>` (`pipeline.folder`).
+The prepared file is one `.npz` per dataset with uint8 NCHW images and fixed splits (and, for a
+folder, every image's source path and MD5); it is read with `allow_pickle=False`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import folder as image_folder
 from .errors import UserError
-from .fsutil import atomic_path, md5
+from .fsutil import md5
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte.gz",
@@ -98,7 +100,8 @@ SPECS = {
     "digits": Spec("digits", "sklearn", DIGIT_NAMES),
 }
 
-DIGITS_TEST_FRACTION = 0.2  # digits has no official test split; carve a fixed one with the seed
+# Digits, and a labelled folder without test/, have no test split: a fixed one is carved with the seed.
+TEST_FRACTION = 0.2
 
 
 # --- file formats --------------------------------------------------------------------------------
@@ -274,6 +277,79 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def to_mode(images: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 N x C x H x W images in `mode` (gray: ITU-R 601 luma in PIL's fixed point, so a built-in
+    and a folder of the same images agree to the byte; rgb: gray repeated)."""
+    if mode == "gray" and images.shape[1] == 3:
+        r, g, b = (images[:, i].astype(np.uint32) for i in range(3))
+        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)[:, None]
+    if mode == "rgb" and images.shape[1] == 1:
+        return np.repeat(images, 3, axis=1)
+    return images
+
+
+def _built_in(dataset, raw_dir, verify_checksums, download, mode):
+    """-> (train, given val or None, test or None, classes); a split is (images, labels, manifest or None)."""
+    spec = SPECS[dataset]
+    x_train, y_train, x_test, y_test = load_raw(spec, raw_dir, verify_checksums, download)
+    for split, labels in (("train", y_train), ("test", y_test)):
+        if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(spec.classes)):
+            raise UserError(
+                f"data: {dataset} {split} labels run from {labels.min()} to {labels.max()}; "
+                f"expected 0..{len(spec.classes) - 1}: the files are corrupt"
+            )
+    if mode != "auto":
+        x_train = to_mode(x_train, mode)
+        x_test = None if x_test is None else to_mode(x_test, mode)
+    test = None if x_test is None else (x_test, y_test, None)
+    return (x_train, y_train, None), None, test, spec.classes
+
+
+def _folder(dataset, raw_dir, image_size, mode, min_side):
+    layout = image_folder.scan(raw_dir / dataset)
+    if mode == "auto":
+        mode = image_folder.detect_mode(layout)
+    parts = image_folder.read(layout, mode, image_size, min_side)
+
+    def split(name):
+        if name not in parts:
+            return None
+        part = parts[name]
+        return part["x"], part["y"], {"path": part["path"], "md5": part["md5"]}
+
+    test = split("test")
+    if test is None and not layout.labelled:
+        test = (parts["train"]["x"][:0], parts["train"]["y"][:0], {"path": np.array([], str), "md5": np.array([], str)})
+    return split("train"), split("val"), test, layout.classes
+
+
+def _take(split, idx):
+    x, y, manifest = split
+    return x[idx], y[idx], None if manifest is None else {k: v[idx] for k, v in manifest.items()}
+
+
+def carve(n: int, seed: int, val_fraction: float, test_given: bool, val_given: bool):
+    """-> (train, val, test) indices into a source's n training images; val / test are None where
+    the source has its own split. Labels alone decide it, so `validate` counts a folder's budget
+    exactly, before anything is decoded."""
+    rng = np.random.default_rng(seed)
+    rest, val, test = np.arange(n), None, None
+    if not test_given:
+        order = rng.permutation(n)
+        n_test = int(round(n * TEST_FRACTION))
+        test, rest = order[:n_test], order[n_test:]
+    if not val_given:
+        order = rng.permutation(len(rest))
+        n_val = int(round(len(order) * val_fraction))
+        if n_val < 1 or n_val >= len(order):
+            raise UserError(
+                f"params: data.val_fraction = {val_fraction:g}: leaves {n_val} of "
+                f"{len(order)} images for validation; need at least one in each split"
+            )
+        val, rest = rest[order[:n_val]], rest[order[n_val:]]
+    return rest, val, test
+
+
 def prepare(
     dataset: str,
     image_size: int,
@@ -284,90 +360,40 @@ def prepare(
     train_limit: int | None = None,
     test_limit: int | None = None,
     download: bool = True,
+    mode: str = "auto",
+    min_side: int = 1,
 ) -> dict[str, np.ndarray]:
-    spec = SPECS[dataset]
-    x_train, y_train, x_test, y_test = load_raw(spec, raw_dir, verify_checksums, download)
-    for split, labels in (("train", y_train), ("test", y_test)):
-        if labels is not None and len(labels) and (labels.min() < 0 or labels.max() >= len(spec.classes)):
-            raise UserError(
-                f"data: {dataset} {split} labels run from {labels.min()} to {labels.max()}; "
-                f"expected 0..{len(spec.classes) - 1}: the files are corrupt"
-            )
-    rng = np.random.default_rng(seed)
-    if x_test is None:
-        order = rng.permutation(len(x_train))
-        n_test = int(round(len(order) * DIGITS_TEST_FRACTION))
-        x_test, y_test = x_train[order[:n_test]], y_train[order[:n_test]]
-        x_train, y_train = x_train[order[n_test:]], y_train[order[n_test:]]
-    order = rng.permutation(len(x_train))
-    n_val = int(round(len(order) * val_fraction))
-    if n_val < 1 or n_val >= len(order):
-        raise UserError(
-            f"params: data.val_fraction = {val_fraction:g}: leaves {n_val} of "
-            f"{len(order)} images for validation; need at least one in each split"
-        )
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    if train_limit is not None:
-        train_idx = train_idx[:train_limit]
+    """The prepared arrays of `dataset`: train / val / test images resized to `image_size`, labels,
+    class names and the training split's per-channel mean and std; for an image folder also each
+    image's source path and MD5 (`path_<split>`, `md5_<split>`). A split the source lacks is carved
+    with `seed`: test (TEST_FRACTION of train), then val (`val_fraction` of what is left)."""
+    if dataset in SPECS:
+        train, val, test, classes = _built_in(dataset, raw_dir, verify_checksums, download, mode)
+    else:
+        train, val, test, classes = _folder(dataset, raw_dir, image_size, mode, min_side)
+    train_idx, val_idx, test_idx = carve(len(train[0]), seed, val_fraction, test is not None, val is not None)
+    test = test if test_idx is None else _take(train, test_idx)
+    val = val if val_idx is None else _take(train, val_idx)
+    train = _take(train, train_idx if train_limit is None else train_idx[:train_limit])
     if test_limit is not None:
-        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
-    x_tr = resize(x_train[train_idx], image_size)
+        test = _take(test, np.arange(min(test_limit, len(test[0]))))
+    x_tr = resize(train[0], image_size)
     # Mean/std of the training split only: nothing about val/test leaks into the model.
     scaled = x_tr.astype(np.float64) / 255.0
     mean = scaled.mean(axis=(0, 2, 3)).astype(np.float32)
     std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-3).astype(np.float32)
-    return {
+    out = {
         "x_train": np.ascontiguousarray(x_tr),
-        "y_train": y_train[train_idx],
-        "x_val": resize(x_train[val_idx], image_size),
-        "y_val": y_train[val_idx],
-        "x_test": resize(x_test, image_size),
-        "y_test": y_test,
-        "classes": np.array(spec.classes),
+        "y_train": train[1],
+        "x_val": resize(val[0], image_size),
+        "y_val": val[1],
+        "x_test": resize(test[0], image_size),
+        "y_test": test[1],
+        "classes": np.array(classes, dtype=str),
         "mean": mean,
         "std": std,
     }
-
-
-PREPARED_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "classes", "mean", "std")
-
-
-def save_prepared(arrays: dict[str, np.ndarray], path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-
-
-def load_prepared(path: Path) -> dict[str, np.ndarray]:
-    hint = "run `dvc repro data` to rebuild it"
-    if not path.is_file():
-        raise UserError(f"data: prepared file {path} is missing; {hint}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in PREPARED_KEYS}
-    except Exception as e:  # noqa: BLE001 - zip, pickle and key errors all mean "corrupt"
-        raise UserError(f"data: prepared file {path} is corrupt ({type(e).__name__}: {e}); {hint}") from None
-    return arrays
-
-
-def budget_too_large(per_class: int, name: str, available: int) -> UserError:
-    return UserError(
-        f"params: downstream.labels_per_class = {per_class}: class {str(name)!r} has only "
-        f"{available} training images; use at most {available} or all"
-    )
-
-
-def label_budget(labels: np.ndarray, per_class, seed: int, classes) -> np.ndarray:
-    """Indices of a class-balanced labelled subset: `per_class` images of every class, drawn with
-    `seed` (`all`: every index). These are the only labels the downstream stages may use, for
-    training and for every choice, as a user with that many labels would have (Oliver et al. 2018).
-    Sorted, so the subset is a set and its order carries nothing."""
-    if per_class == "all":
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c, name in enumerate(classes):
-        members = np.flatnonzero(labels == c)
-        if len(members) < per_class:
-            raise budget_too_large(per_class, name, len(members))
-        picked.append(rng.choice(members, size=per_class, replace=False))
-    return np.sort(np.concatenate(picked))
+    for name, split in (("train", train), ("val", val), ("test", test)):
+        if split[2] is not None:
+            out.update({f"{key}_{name}": values for key, values in split[2].items()})
+    return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,11 @@ import yaml
 from .choices import AUGMENTS, HEADS, LOSSES, POOLS, num_visible
 from .errors import UserError
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")  # built in; any other name is an image folder
+RGB_DATASETS = ("cifar10",)
+MODES = ("auto", "gray", "rgb")  # auto: a built-in's own; a folder's: rgb if any image is stored in colour
+# A folder's name under data.raw_dir: one path component, so it cannot point outside raw_dir.
+FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("lars", "sgd", "adamw")
 # Lower is better for val_*, higher for *_acc (k-NN / closed-form probe on frozen val features).
@@ -177,6 +182,30 @@ def count_or_all(name, v):
     return v
 
 
+def dataset_name(name, v):
+    if v in DATASETS or (isinstance(v, str) and FOLDER_NAME.fullmatch(v)):
+        return v
+    raise _bad(
+        name,
+        v,
+        f"must be one of {', '.join(DATASETS)}, or the name of an image folder under data.raw_dir "
+        f'(letters, digits, _ . -; README "Your own images")',
+    )
+
+
+def is_folder(dataset: str) -> bool:
+    return dataset not in DATASETS
+
+
+def channels(dataset: str, mode: str) -> int | None:
+    """Image channels of `dataset` read in `mode`; None when only the images can tell (a folder, auto)."""
+    if mode != "auto":
+        return 3 if mode == "rgb" else 1
+    if is_folder(dataset):
+        return None
+    return 3 if dataset in RGB_DATASETS else 1
+
+
 def auto_or_bool(name, v):
     if v == "auto" or isinstance(v, bool):
         return v
@@ -198,13 +227,14 @@ class GridParams:
 
 @dataclass(frozen=True, kw_only=True)
 class DataParams:
-    dataset: str = _field(choice(*DATASETS))
+    dataset: str = _field(dataset_name)
     image_size: int = _field(pos_int)
     val_fraction: float = _field(fraction)
     train_limit: int | None = _field(opt_pos_int, None)
     test_limit: int | None = _field(opt_pos_int, None)
     raw_dir: str = _field(string, "data/raw")
     verify_checksums: bool = _field(boolean, True)
+    mode: str = _field(choice(*MODES), "auto")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,8 +294,9 @@ class PretrainFullParams(MAESchedule):
 
 @dataclass(frozen=True, kw_only=True)
 class DownstreamParams:
-    dataset: str = _field(same_or(choice(*DATASETS)), "same")
+    dataset: str = _field(same_or(dataset_name), "same")
     image_size: Any = _field(same_or(pos_int), "same")
+    mode: str = _field(same_or(choice(*MODES)), "same")
     # The labelled training images: this many per class, drawn with the seed (all: every one).
     labels_per_class: Any = _field(count_or_all, "all")
     # The share of each repetition's budget held out from training: the run's own choices (the
@@ -349,6 +380,10 @@ class Params:
     @property
     def downstream_dataset(self) -> str:
         return self.data.dataset if self.downstream.dataset == "same" else self.downstream.dataset
+
+    @property
+    def downstream_mode(self) -> str:
+        return self.data.mode if self.downstream.mode == "same" else self.downstream.mode
 
     @property
     def downstream_size(self) -> int:
@@ -474,8 +509,7 @@ def validate(p: Params) -> Params:
                 "model predicts each patch only up to its own mean/std, so its pixel MSE needs the "
                 "hidden patch's statistics and is no fair yardstick; use select.metric: val_loss"
             )
-        channels = 3 if p.data.dataset == "cifar10" else 1
-        small = [x for x in p.grid.patch if x * x * channels < 2]
+        small = [x for x in p.grid.patch if x * x * (channels(p.data.dataset, p.data.mode) or 1) < 2]
         if small:
             raise UserError(
                 f"params: grid.patch = {small[0]}: norm_pix normalises each patch by its own "
@@ -488,10 +522,11 @@ def validate(p: Params) -> Params:
     ]
     flips.append(("finetune.augment", p.finetune.augment, p.downstream_dataset))
     for name, ops, dataset in flips:
-        if "flip" in ops and dataset not in MIRROR_SAFE:
+        # A folder's owner knows whether a mirrored image is still its class; flip is theirs to ask for.
+        if "flip" in ops and dataset not in MIRROR_SAFE and not is_folder(dataset):
             raise UserError(
                 f"params: {name} = {list(ops)!r}: flip is not allowed for {dataset} (a mirrored "
-                f"digit is not a digit); allowed for {', '.join(MIRROR_SAFE)}"
+                f"digit is not a digit); allowed for {', '.join(MIRROR_SAFE)} and image folders"
             )
     for section in ("probe", "finetune"):
         s = getattr(p, section)

@@ -48,7 +48,7 @@ class Repetition:
 def draw(labels: np.ndarray, classes, per_class, dev_fraction: float, base_seed: int, ks) -> list[Repetition]:
     """The repetitions `ks`: for each, `per_class` labels of every class (all: every image) drawn with
     its seed, of which `dev_fraction` of each class (at least one) is held out as its dev slice."""
-    from .data import label_budget
+    from .prepared import label_budget
 
     reps = []
     for k in ks:

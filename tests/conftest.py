@@ -23,7 +23,17 @@ from tools import tracking_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ["pipeline", "tools", "presets", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore"]
+PROJECT_FILES = [
+    "pipeline",
+    "tools",
+    "presets",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".dvcignore",
+    ".gitignore",
+    "data/raw/README.md",
+]
 
 
 # The only skips CI accepts: tests that need hardware a CI machine does not have.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import cli, tiny_params, write_cifar, write_idx, write_idx_dataset, write_params
 
-from pipeline import data
+from pipeline import data, prepared
 from pipeline.errors import UserError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -90,7 +90,7 @@ def test_digits_split_is_seeded_and_disjoint():
     a = data.prepare("digits", 8, 0.1, 0, Path("unused"))
     b = data.prepare("digits", 8, 0.1, 0, Path("unused"))
     c = data.prepare("digits", 8, 0.1, 1, Path("unused"))
-    assert all(np.array_equal(a[k], b[k]) for k in data.PREPARED_KEYS)
+    assert all(np.array_equal(a[k], b[k]) for k in prepared.PREPARED_KEYS)
     assert not np.array_equal(a["y_val"], c["y_val"])
     n = sum(len(a[f"y_{s}"]) for s in ("train", "val", "test"))
     assert n == 1797 and len(a["y_test"]) == 359
@@ -111,14 +111,14 @@ def test_missing_dataset_says_where_to_put_files(tmp_path):
 def test_prepared_file_roundtrip_and_corruption(tmp_path):
     arrays = data.prepare("digits", 8, 0.1, 0, Path("unused"))
     path = tmp_path / "prepared" / "digits.npz"
-    data.save_prepared(arrays, path)
-    back = data.load_prepared(path)
-    assert all(np.array_equal(arrays[k], back[k]) for k in data.PREPARED_KEYS)
+    prepared.save_prepared(arrays, path)
+    back = prepared.load_prepared(path)
+    assert all(np.array_equal(arrays[k], back[k]) for k in prepared.PREPARED_KEYS)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UserError, match="is corrupt"):
-        data.load_prepared(path)
+        prepared.load_prepared(path)
     with pytest.raises(UserError, match="is missing"):
-        data.load_prepared(tmp_path / "nope.npz")
+        prepared.load_prepared(tmp_path / "nope.npz")
 
 
 def test_data_stage_on_a_corrupt_local_copy_writes_nothing(tmp_path):
@@ -161,20 +161,20 @@ def test_real_fashion_mnist_from_debian_passes_checksums(tmp_path):
 def test_label_budget_is_class_balanced_seeded_and_a_subset():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 10, 5000)
-    a = data.label_budget(labels, 30, 7, [str(c) for c in range(10)])
+    a = prepared.label_budget(labels, 30, 7, [str(c) for c in range(10)])
     assert len(a) == 300 and len(set(a.tolist())) == 300
     assert np.bincount(labels[a], minlength=10).tolist() == [30] * 10
-    assert np.array_equal(a, data.label_budget(labels, 30, 7, [str(c) for c in range(10)]))
-    b = data.label_budget(labels, 30, 8, [str(c) for c in range(10)])
+    assert np.array_equal(a, prepared.label_budget(labels, 30, 7, [str(c) for c in range(10)]))
+    b = prepared.label_budget(labels, 30, 8, [str(c) for c in range(10)])
     assert not np.array_equal(a, b)
     # A larger budget of the same seed is not required to contain the smaller one, but "all" is all.
-    assert np.array_equal(data.label_budget(labels, "all", 7, list("0123456789")), np.arange(5000))
+    assert np.array_equal(prepared.label_budget(labels, "all", 7, list("0123456789")), np.arange(5000))
 
 
 def test_label_budget_larger_than_a_class_is_one_clear_error():
     labels = np.array([0] * 5 + [1] * 3)
     with pytest.raises(UserError, match=r"labels_per_class = 4: class 'b' has only 3 training images"):
-        data.label_budget(labels, 4, 0, ["a", "b"])
+        prepared.label_budget(labels, 4, 0, ["a", "b"])
 
 
 def test_repetitions_split_each_budget_into_train_and_dev(tmp_path):
@@ -186,7 +186,7 @@ def test_repetitions_split_each_budget_into_train_and_dev(tmp_path):
     assert [(r.k, r.seed) for r in reps] == [(0, 5), (2, 2005)]
     for r in reps:
         # The budget is exactly the label subset the seed draws; dev holds 3 of each class's 30.
-        assert np.array_equal(r.budget, data.label_budget(labels, 30, r.seed, classes))
+        assert np.array_equal(r.budget, prepared.label_budget(labels, 30, r.seed, classes))
         assert not set(r.train) & set(r.dev)
         assert np.bincount(labels[r.dev], minlength=10).tolist() == [3] * 10
         assert np.bincount(labels[r.train], minlength=10).tolist() == [27] * 10
@@ -200,3 +200,25 @@ def test_repetitions_split_each_budget_into_train_and_dev(tmp_path):
         repetition.load(tmp_path / "r.json", {"seed": 6, "labels": 30})
     with pytest.raises(UserError, match="dev_fraction = 0.5: class '0' has 1 budget labels"):
         repetition.draw(labels, classes, 1, 0.5, 0, [0])
+
+
+def test_gray_and_rgb_modes_match_pil():
+    """A built-in read in another mode is converted as PIL converts a folder's image."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (3, 3, 9, 7), dtype=np.uint8)
+    gray = data.to_mode(rgb, "gray")
+    for image, g in zip(rgb, gray):
+        assert np.array_equal(np.asarray(Image.fromarray(image.transpose(1, 2, 0)).convert("L")), g[0])
+    back = data.to_mode(gray, "rgb")
+    assert back.shape == (3, 3, 9, 7) and all(np.array_equal(back[:, c], gray[:, 0]) for c in range(3))
+    assert data.to_mode(rgb, "rgb") is rgb and data.to_mode(rgb, "auto") is rgb
+
+
+def test_carve_takes_test_then_val_and_keeps_given_splits():
+    train, val, test = data.carve(100, 0, 0.1, test_given=False, val_given=False)
+    assert (len(train), len(val), len(test)) == (72, 8, 20)
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(100))
+    train2, val2, test2 = data.carve(100, 0, 0.1, test_given=True, val_given=True)
+    assert val2 is None and test2 is None and np.array_equal(train2, np.arange(100))
+    assert not np.array_equal(data.carve(100, 1, 0.1, False, False)[0], train)

@@ -78,9 +78,9 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     # accuracy the two processes recorded for it.
     import torch
 
-    from pipeline import checkpoint, data
+    from pipeline import checkpoint, prepared
 
-    d = data.load_prepared(repo / "data" / "prepared" / "downstream.npz")
+    d = prepared.load_prepared(repo / "data" / "prepared" / "downstream.npz")
     clf = checkpoint.build_classifier(checkpoint.load(repo / "models" / "finetune" / "r0.pt")).eval()
     with torch.no_grad():
         pred = clf(torch.as_tensor(d["x_val"]).float() / 255.0).argmax(1).numpy()

@@ -49,14 +49,14 @@ class LabelReads:
 
 
 def test_every_label_read_lies_in_its_repetitions_budget(repro_copy, monkeypatch):
-    from pipeline import data, params, repetition
+    from pipeline import params, prepared, repetition
     from pipeline.stages import evaluate, finetune, probe, select
 
     repo = repro_copy
     monkeypatch.chdir(repo)
     reps = repetition.load(repo / "data" / "repetitions.json")
     p = params.load(repo / "params.yaml")
-    real = data.load_prepared
+    real = prepared.load_prepared
     log: dict[str, list] = {}
 
     def run(stage, body):
@@ -68,7 +68,7 @@ def test_every_label_read_lies_in_its_repetitions_budget(repro_copy, monkeypatch
             d["y_val"] = LabelReads(d["y_val"], val_reads, whole_ok=True)
             return d
 
-        monkeypatch.setattr(data, "load_prepared", load)
+        monkeypatch.setattr(prepared, "load_prepared", load)
         body()
 
     run("select", lambda: select.run(p))

@@ -23,9 +23,9 @@ def _client(repo):
 
 
 def _test_images(repo, n=None):
-    from pipeline import data
+    from pipeline import prepared
 
-    d = data.load_prepared(repo / "data" / "prepared" / "downstream.npz")
+    d = prepared.load_prepared(repo / "data" / "prepared" / "downstream.npz")
     return (d["x_test"], d["y_test"]) if n is None else (d["x_test"][:n], d["y_test"][:n])
 
 
@@ -106,11 +106,11 @@ def test_champion_moves_only_when_a_candidate_beats_it_on_dev(repro_copy):
     a champion that records none (an older maepipe's) is replaced."""
     import mlflow
 
-    from pipeline import data, serving
+    from pipeline import prepared, serving
 
     repo = repro_copy
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
-    d = data.load_prepared(repo / "data" / "prepared" / "downstream.npz")
+    d = prepared.load_prepared(repo / "data" / "prepared" / "downstream.npz")
     path = repo / "models" / "finetune" / "r0.pt"
     name, classes = "maepipe-test", [str(c) for c in d["classes"]]
     mlflow.set_experiment("registry-test")

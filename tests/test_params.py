@@ -21,7 +21,13 @@ BAD = [
     ({"grid.mask_ratio": [0.5, 1.0]}, "grid.mask_ratio[1] = 1.0: must be a number strictly between 0 and 1"),
     ({"grid.mask_ratio": [0.0]}, "strictly between 0 and 1"),
     ({"grid.mask_ratio": [0.1]}, "grid.mask_ratio = 0.1: with patch 8 (4 patches) it leaves 4 visible"),
-    ({"data.dataset": "imagenet"}, "data.dataset = 'imagenet': must be one of fashion_mnist, mnist, cifar10, digits"),
+    (
+        {"data.dataset": "../imagenet"},
+        "data.dataset = '../imagenet': must be one of fashion_mnist, mnist, cifar10, digits, or the name of "
+        "an image folder under data.raw_dir",
+    ),
+    ({"data.mode": "cmyk"}, "data.mode = 'cmyk': must be one of auto, gray, rgb"),
+    ({"downstream.mode": "rgba"}, "downstream.mode = 'rgba': must be one of auto, gray, rgb"),
     ({"pretrain.loss": "l1"}, "pretrain.loss = 'l1': must be one of mse, norm_pix, bce"),
     ({"device": "tpu"}, "device = 'tpu': must be one of auto, cpu, cuda, mps"),
     ({"compile": "yes"}, "compile = 'yes': must be auto, true or false"),
@@ -72,7 +78,7 @@ BAD = [
     ),
     ({"pretrain_full.lr": 0}, "pretrain_full.lr = 0: must be a positive number"),
     ({"pretrain_full.train_limit": -5}, "pretrain_full.train_limit = -5: must be a positive integer"),
-    ({"downstream.dataset": "svhn"}, "downstream.dataset = 'svhn': must be one of fashion_mnist"),
+    ({"downstream.dataset": "svhn/train"}, "downstream.dataset = 'svhn/train': must be one of fashion_mnist"),
     ({"downstream.image_size": -1}, "downstream.image_size = -1: must be a positive integer"),
     (
         {"patch": 8, "downstream.image_size": 20},

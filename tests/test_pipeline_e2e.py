@@ -54,9 +54,9 @@ def test_repro_runs_every_stage_and_writes_grid_outputs(repro):
 
 def test_every_repetition_draws_its_own_budget_once(repro):
     repo, _ = repro
-    from pipeline import data
+    from pipeline import prepared
 
-    y = data.load_prepared(repo / "data" / "prepared" / "downstream.npz")["y_train"]
+    y = prepared.load_prepared(repo / "data" / "prepared" / "downstream.npz")["y_train"]
     reps = _reps(repo)
     assert [(r.k, r.seed) for r in reps] == [(0, 0), (1, 1000)]
     for r in reps:
@@ -133,9 +133,9 @@ def test_downstream_arms_repeat_per_repetition_on_its_training_labels(repro):
         assert int(curve[-1]["step"]) == steps and len(curve) == 10
         assert float(curve[-1]["val_acc"]) == pytest.approx(m["val_acc_mean"], rel=1e-5)
     # The dev accuracy each arm records is its classifier's on its repetition's dev labels.
-    from pipeline import checkpoint, data
+    from pipeline import checkpoint, prepared
 
-    d = data.load_prepared(repo / "data" / "prepared" / "downstream.npz")
+    d = prepared.load_prepared(repo / "data" / "prepared" / "downstream.npz")
     for rep in reps:
         ckpt = checkpoint.load(repo / "models" / "finetune" / f"r{rep.k}.pt")
         clf = checkpoint.build_classifier(ckpt).eval()

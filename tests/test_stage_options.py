@@ -108,11 +108,11 @@ def _rank_auc(positive: np.ndarray, score: np.ndarray) -> float:
 
 
 def test_evaluate_aucs_match_an_independent_computation(repro_template):
-    from pipeline import checkpoint, data
+    from pipeline import checkpoint, prepared
 
     repo, _ = repro_template
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
-    d = data.load_prepared(repo / "data" / "prepared" / "downstream.npz")
+    d = prepared.load_prepared(repo / "data" / "prepared" / "downstream.npz")
     x = torch.as_tensor(d["x_test"]).float() / 255.0
     y = d["y_test"]
     for arm in ("finetune", "probe"):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline import cli, data, loop, optim, runtime
+from pipeline import cli, loop, optim, prepared, runtime
 from pipeline import params as params_mod
 from pipeline.errors import UserError
 from pipeline.model import MAE, Classifier, Encoder
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
 def _bench(args) -> int:
     p = params_mod.load(args.params)
     device = runtime.setup(p.device, p.seed)
-    d = data.load_prepared(PRETRAIN_DATA)
+    d = prepared.load_prepared(PRETRAIN_DATA)
     patches = [int(x) for x in args.patches.split(",")]
     for patch in patches:
         params_mod.check_cell(p, patch, 0.5, what="bench")

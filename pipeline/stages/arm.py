@@ -10,7 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .. import checkpoint, data, dist, fsutil, loop, repetition, report, runtime, serving, stats, tracking
+from .. import checkpoint, dist, fsutil, loop, prepared, repetition, report, runtime, serving, stats, tracking
 from ..params import Params, flatten
 from ..resume import Resume, fingerprint
 from . import DOWNSTREAM_DATA, METRICS, PLOTS, REPETITIONS, arm_path
@@ -41,7 +41,7 @@ def run(
     head kwargs, history); `resume` lets a killed stage continue where it was (and skip the
     repetitions it had finished)."""
     device = runtime.setup(p.device, p.seed)
-    d = data.load_prepared(DOWNSTREAM_DATA)
+    d = prepared.load_prepared(DOWNSTREAM_DATA)
     reps = repetition.load(REPETITIONS, draw_key(p))
     x_val = runtime.to_device(d["x_val"], device)
     y_val = runtime.to_device(d["y_val"], device)

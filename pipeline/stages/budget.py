@@ -11,7 +11,7 @@ leaves the previous draw in place and no other stage's outputs are removed."""
 import json
 from pathlib import Path
 
-from .. import data, repetition
+from .. import prepared, repetition
 from ..params import Params, flatten
 from . import CLASS_COUNTS, DOWNSTREAM_DATA
 
@@ -46,11 +46,11 @@ def check_early(p: Params) -> None:
         return
     for name, n in zip(counts["classes"], counts["train_per_class"]):
         if n < p.downstream.labels_per_class:
-            raise data.budget_too_large(p.downstream.labels_per_class, name, n)
+            raise prepared.budget_too_large(p.downstream.labels_per_class, name, n)
 
 
 def run(p: Params, out: Path) -> None:
-    d = data.load_prepared(DOWNSTREAM_DATA)
+    d = prepared.load_prepared(DOWNSTREAM_DATA)
     reps = repetition.draw(
         d["y_train"], d["classes"], p.downstream.labels_per_class, p.downstream.dev_fraction, p.seed, p.repetitions
     )

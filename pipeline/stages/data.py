@@ -4,13 +4,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data, report, tracking
+from .. import data, folder, prepared, report, tracking
 from ..fsutil import write_bytes
 from ..params import Params, flatten
 from . import CLASS_COUNTS, DOWNSTREAM_DATA, PRETRAIN_DATA, budget
 
 
-def _prepare(p: Params, dataset: str, size: int) -> dict:
+def _prepare(p: Params, dataset: str, size: int, mode: str) -> dict:
     return data.prepare(
         dataset,
         size,
@@ -20,6 +20,8 @@ def _prepare(p: Params, dataset: str, size: int) -> dict:
         p.data.verify_checksums,
         p.data.train_limit,
         p.data.test_limit,
+        mode=mode,
+        min_side=max(p.grid.patch),
     )
 
 
@@ -27,15 +29,21 @@ def run(p: Params) -> None:
     params = {"seed": p.seed, **flatten(p.data, "data."), **flatten(p.downstream, "downstream.")}
     with tracking.start(p.mlflow.experiment, "data", params, p.data.dataset) as run:
         # Both are prepared before either is written: a bad downstream source leaves no half output.
-        arrays = {"pretrain": _prepare(p, p.data.dataset, p.data.image_size)}
-        same = (p.downstream_dataset, p.downstream_size) == (p.data.dataset, p.data.image_size)
+        arrays = {"pretrain": _prepare(p, p.data.dataset, p.data.image_size, p.data.mode)}
+        same = (p.downstream_dataset, p.downstream_size, p.downstream_mode) == (
+            p.data.dataset,
+            p.data.image_size,
+            p.data.mode,
+        )
         if not same:
-            arrays["downstream"] = _prepare(p, p.downstream_dataset, p.downstream_size)
-        data.save_prepared(arrays["pretrain"], PRETRAIN_DATA)
+            arrays["downstream"] = _prepare(p, p.downstream_dataset, p.downstream_size, p.downstream_mode)
+        if not len(arrays.get("downstream", arrays["pretrain"])["classes"]):
+            raise folder.unlabelled_downstream(p.downstream.dataset, p.data.dataset)
+        prepared.save_prepared(arrays["pretrain"], PRETRAIN_DATA)
         if same:
             write_bytes(DOWNSTREAM_DATA, PRETRAIN_DATA.read_bytes())
         else:
-            data.save_prepared(arrays["downstream"], DOWNSTREAM_DATA)
+            prepared.save_prepared(arrays["downstream"], DOWNSTREAM_DATA)
         run.log_dataset(PRETRAIN_DATA, f"{p.data.dataset}-pretrain", "prepared")
         run.log_dataset(DOWNSTREAM_DATA, f"{p.downstream_dataset}-downstream", "prepared")
         down = arrays.get("downstream", arrays["pretrain"])
@@ -45,6 +53,7 @@ def run(p: Params) -> None:
                 "made_by": budget.data_key(p),
                 "classes": [str(c) for c in down["classes"]],
                 "train_per_class": counts.tolist(),
+                "channels": {name: int(a["x_train"].shape[1]) for name, a in arrays.items()},
             },
             CLASS_COUNTS,
         )

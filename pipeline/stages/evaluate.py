@@ -13,7 +13,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve
 from sklearn.preprocessing import label_binarize
 
-from .. import checkpoint, data, figures, fsutil, loop, repetition, report, runtime, serving, stats, tracking
+from .. import checkpoint, figures, fsutil, loop, prepared, repetition, report, runtime, serving, stats, tracking
 from ..errors import UserError
 from ..params import Params
 from . import DOWNSTREAM_DATA, IMAGES, METRICS, PLOTS, REPETITIONS, REPORTS, arm_path
@@ -152,7 +152,7 @@ def headline(summary: dict, cells: str) -> dict:
 
 def run(p: Params) -> None:
     device = runtime.setup(p.device, p.seed)
-    d = data.load_prepared(DOWNSTREAM_DATA)
+    d = prepared.load_prepared(DOWNSTREAM_DATA)
     classes = [str(c) for c in d["classes"]]
     x_test = runtime.to_device(d["x_test"], device)
     y_test = d["y_test"]

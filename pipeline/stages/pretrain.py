@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from .. import checkpoint, data, dist, figures, loop, optim, report, runtime, tracking
+from .. import checkpoint, dist, figures, loop, optim, prepared, report, runtime, tracking
 from ..augment import augment
 from ..errors import UserError
 from ..model import MAE, masked_pixel_sse, num_visible, unpatchify
@@ -25,7 +25,7 @@ def run(p: Params, patch: int, mask_ratio: float) -> None:
     check_cell(p, patch, mask_ratio)
     cell = cell_name(patch, mask_ratio)
     device = runtime.setup(p.device, p.seed)
-    d = data.load_prepared(PRETRAIN_DATA)
+    d = prepared.load_prepared(PRETRAIN_DATA)
     # The train split is already shuffled with the seed, so a prefix is a random subset.
     x_train = runtime.to_device(d["x_train"][: p.pretrain.train_limit], device)
     x_val = runtime.to_device(d["x_val"][: p.pretrain.val_limit], device)

@@ -3,7 +3,7 @@ selected, trained from its own seed on every unlabelled training image (`pretrai
 encoder each repetition takes downstream is an independent pretraining run and its noise enters
 the intervals `evaluate` reports; the grid only screens cells cheaply."""
 
-from .. import data, optim, repetition, runtime, tracking
+from .. import optim, prepared, repetition, runtime, tracking
 from ..model import MAE
 from ..params import Params, flatten
 from ..resume import Resume, fingerprint
@@ -16,7 +16,7 @@ def run(p: Params, k: int) -> None:
     cell = selected(k)
     seed = repetition.seed_of(p.seed, k)
     device = runtime.setup(p.device, seed)
-    d = data.load_prepared(PRETRAIN_DATA)
+    d = prepared.load_prepared(PRETRAIN_DATA)
     pf = p.pretrain_full
     x_train = runtime.to_device(d["x_train"][: pf.train_limit], device)
     x_val = runtime.to_device(d["x_val"][: p.pretrain.val_limit], device)

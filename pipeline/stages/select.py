@@ -16,7 +16,7 @@ import re
 import numpy as np
 import torch
 
-from .. import checkpoint, data, figures, loop, repetition, report, represent, runtime, tracking
+from .. import checkpoint, figures, loop, prepared, repetition, report, represent, runtime, tracking
 from ..errors import UserError
 from ..fsutil import write_bytes
 from ..model import Encoder, pooled_features
@@ -74,7 +74,7 @@ def _scores(features: torch.Tensor, y: torch.Tensor, k: int, p: Params) -> dict:
 def run(p: Params) -> None:
     rows = _grid_rows(p)
     device = runtime.setup(p.device, p.seed)
-    d = data.load_prepared(DOWNSTREAM_DATA)
+    d = prepared.load_prepared(DOWNSTREAM_DATA)
     reps = repetition.load(REPETITIONS, draw_key(p))
     scored = [_scoring_subset(rep, d["y_train"]) for rep in reps]
     per_rep, floors = _score(rows, p, d, scored, device)

@@ -1,6 +1,8 @@
 """Stage `validate`: the whole params file, every value and every cross-field rule (checked when
-`params.load` built `p`), plus what only this machine can tell: whether the device exists, and
-whether the label budget fits the last prepared split.
+`params.load` built `p`), plus what only this machine can tell: whether the device exists, whether
+an image folder named by `data.dataset` / `downstream.dataset` exists in a layout maepipe reads
+with images that decode and are large enough (the folder is a dep: a bad image stops the run here,
+before DVC removes any output), and whether the label budget fits.
 
 Under DVC it writes a constant marker every other stage depends on: a valid edit rewrites the same
 bytes, so only the stages whose own params changed re-run, and an invalid one stops `dvc repro`
@@ -8,14 +10,52 @@ before DVC removes any other stage's outputs."""
 
 from pathlib import Path
 
+import numpy as np
+
+from .. import data, folder, prepared
+from ..errors import UserError
 from ..fsutil import write_bytes
-from ..params import Params
+from ..params import DATASETS, Params, is_folder
 from ..runtime import resolve_device
 from .budget import check_early
+
+# Which folder images already passed check_images (not a DVC output: a cache of this checkout).
+FOLDER_CHECKS = Path(".maepipe/folder-checks")
+
+
+def check_folders(p: Params) -> None:
+    raw = Path(p.data.raw_dir)
+    layouts = {}
+    for name, dataset in (("data.dataset", p.data.dataset), ("downstream.dataset", p.downstream_dataset)):
+        if not is_folder(dataset) or dataset in layouts:
+            continue
+        if not (raw / dataset).is_dir():
+            raise UserError(
+                f"params: {name} = {dataset!r}: not a built-in dataset ({', '.join(DATASETS)}), and "
+                f'no image folder {raw / dataset}/ (README "Your own images")'
+            )
+        layouts[dataset] = folder.scan(raw / dataset)
+        folder.check_images(layouts[dataset], max(p.grid.patch), FOLDER_CHECKS / f"{dataset}.json")
+    down = layouts.get(p.downstream_dataset)
+    if down is None:
+        return
+    if not down.labelled:
+        raise folder.unlabelled_downstream(p.downstream.dataset, p.data.dataset)
+    budget = p.downstream.labels_per_class
+    if budget != "all":
+        # Exactly what `data` will keep for training: the carve depends on the labels alone.
+        labels = np.array([c for _, c in down.files["train"]])
+        keep, _, _ = data.carve(len(labels), p.seed, p.data.val_fraction, "test" in down.files, "val" in down.files)
+        if p.data.train_limit is not None:
+            keep = keep[: p.data.train_limit]
+        for name, n in zip(down.classes, np.bincount(labels[keep], minlength=len(down.classes))):
+            if n < budget:
+                raise prepared.budget_too_large(budget, name, int(n))
 
 
 def run(p: Params, marker: Path | None, source: str) -> None:
     resolve_device(p.device)
+    check_folders(p)
     check_early(p)
     if marker is not None:
         write_bytes(marker, b"params.yaml passed validation\n")
