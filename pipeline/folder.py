@@ -210,6 +210,16 @@ def check_images(layout: Layout, min_side: int, cache: Path | None = None) -> No
         write_bytes(cache, json.dumps({"root": root, "files": checked}).encode())
 
 
+def fit_files(paths: list[Path | str], mode: str, size: int) -> np.ndarray:
+    """Image files as the model takes them (uint8 N x C x size x size), read exactly as `data`
+    reads a folder's: for a request to the served model."""
+    fitted = []
+    for path in map(Path, paths):
+        _, image = _decode(path.parent, path.name)
+        fitted.append(_fit(image, mode, size, 1, path))
+    return np.stack(fitted)
+
+
 def read(layout: Layout, mode: str, size: int, min_side: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """Every split's images (uint8 N x C x size x size), labels (int64; -1 unlabelled), paths and
     md5s, decoded in threads (PIL releases the GIL while it decodes)."""
