@@ -41,10 +41,6 @@ class Layout:
     def labelled(self) -> bool:
         return bool(self.classes)
 
-    def counts(self, split: str = "train") -> list[int]:
-        labels = [c for _, c in self.files.get(split, ())]
-        return np.bincount(labels, minlength=len(self.classes)).tolist() if labels else [0] * len(self.classes)
-
 
 def _images_in(folder: Path, root: Path) -> list[str]:
     """The images directly in `folder` (relative to root, sorted); any other visible file is an error."""
@@ -82,14 +78,14 @@ def scan(root: Path) -> Layout:
     classes = tuple(d.name for d in _subdirs(train))
     if not classes:
         raise UserError(f"data: {train}/ has no class folders: put each class's images in train/<class>/")
-    loose = _images_in(train, root)
-    if loose:
-        raise UserError(f"data: {root / loose[0]} lies in train/ itself; every image belongs in train/<class>/")
     files = {}
     for split in SPLITS:
         folder = root / split
         if not folder.is_dir():
             continue
+        loose = _images_in(folder, root)
+        if loose:
+            raise UserError(f"data: {root / loose[0]} lies in {split}/ itself; every image belongs in {split}/<class>/")
         names = [d.name for d in _subdirs(folder)]
         stray = [n for n in names if n not in classes]
         if stray:
@@ -131,6 +127,8 @@ def _decode(root: Path, rel: str):
         image.load()
     except UnidentifiedImageError:
         raise UserError(f"data: {path} is not an image PIL can read (corrupt, or not what its suffix says)") from None
+    except Image.DecompressionBombError as e:
+        raise UserError(f"data: {path} is too large to decode safely ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"data: {path} is corrupt or truncated ({e})") from None
     return hashlib.md5(raw).hexdigest(), image

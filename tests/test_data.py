@@ -222,3 +222,29 @@ def test_carve_takes_test_then_val_and_keeps_given_splits():
     train2, val2, test2 = data.carve(100, 0, 0.1, test_given=True, val_given=True)
     assert val2 is None and test2 is None and np.array_equal(train2, np.arange(100))
     assert not np.array_equal(data.carve(100, 1, 0.1, False, False)[0], train)
+
+
+def test_an_unlabelled_folder_prepares_for_pretraining_and_auto_reads_its_mode(tmp_path):
+    """Images straight in the folder: no classes, labels -1, no test split; `auto` is gray while
+    every image is stored gray and rgb once one is in colour (converted, not refused)."""
+    from PIL import Image
+
+    from pipeline import folder
+
+    root = tmp_path / "raw" / "loose"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 30), dtype=np.uint8), mode="L").save(root / f"{i:02d}.png")
+    (root / ".DS_Store").write_bytes(b"\0")  # hidden: skipped
+    a = data.prepare("loose", 16, 0.25, 0, tmp_path / "raw")
+    assert a["classes"].size == 0 and set(a["y_train"].tolist()) == {-1} and len(a["y_test"]) == 0
+    assert a["x_train"].shape == (9, 1, 16, 16) and a["x_val"].shape == (3, 1, 16, 16)
+    assert sorted(a["path_train"].tolist() + a["path_val"].tolist()) == [f"{i:02d}.png" for i in range(12)]
+    assert folder.detect_mode(folder.scan(root)) == "gray"
+    Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(root / "colour.png")
+    assert folder.detect_mode(folder.scan(root)) == "rgb"
+    assert data.prepare("loose", 16, 0.25, 0, tmp_path / "raw")["x_train"].shape[1] == 3
+    (root / "sub").mkdir()
+    with pytest.raises(UserError, match="has no train/ folder"):
+        folder.scan(root)
