@@ -17,7 +17,7 @@ from typing import Any
 from . import dist
 from .errors import UserError
 from .signals import held
-from .store import check_reachable, repo_root, tracking_uri
+from .store import repo_root, tracking_uri
 
 
 def git_commit(root: Path) -> str | None:
@@ -256,8 +256,7 @@ def start(
     if not dist.is_main():
         yield StageRun()
         return
-    uri = tracking_uri()
-    check_reachable(uri)
+    uri = tracking_uri()  # reachable: the CLI checked it before the stage began (`__main__._preflight`)
     # Fail fast instead of retrying a dead server for minutes (read by MLflow's HTTP client).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

@@ -89,8 +89,8 @@ def run(p: Params) -> None:
         )
     _summarise_rows(rows, per_rep, choices)
     views = [v for v in VIEWS if all(r[v] is not None for r in rows)]
-    if "val_mse" in views:
-        views.remove("val_loss")
+    if "val_mse" in views:  # one reconstruction view: pixel MSE where the loss has it
+        views = [v for v in views if v != "val_loss"]
     agreement = _agreement(rows, views)
     best_by = {v: choose(rows, v)["cell"] for v in views}
     params = {
