@@ -305,7 +305,14 @@ def _built_in(dataset, raw_dir, verify_checksums, download, mode):
     return (x_train, y_train, None), None, test, spec.classes
 
 
-def _folder(dataset, raw_dir, image_size, mode, min_side):
+def folder_order(n: int, seed: int) -> np.ndarray:
+    """A folder lists its files class by class; every split of it is put in this seeded order, so a
+    limit (`data.train_limit`, `pretrain.train_limit`, ...) takes a random subset, not the first
+    classes. A stream of its own, so the carve draws what it draws for a built-in."""
+    return np.random.default_rng([seed, 0x464F4C44]).permutation(n)
+
+
+def _folder(dataset, raw_dir, image_size, mode, min_side, seed):
     layout = image_folder.scan(raw_dir / dataset)
     if mode == "auto":
         mode = image_folder.detect_mode(layout)
@@ -315,7 +322,9 @@ def _folder(dataset, raw_dir, image_size, mode, min_side):
         if name not in parts:
             return None
         part = parts[name]
-        return part["x"], part["y"], {"path": part["path"], "md5": part["md5"]}
+        return _take(
+            (part["x"], part["y"], {"path": part["path"], "md5": part["md5"]}), folder_order(len(part["y"]), seed)
+        )
 
     test = split("test")
     if test is None and not layout.labelled:
@@ -337,6 +346,11 @@ def carve(n: int, seed: int, val_fraction: float, test_given: bool, val_given: b
     if not test_given:
         order = rng.permutation(n)
         n_test = int(round(n * TEST_FRACTION))
+        if n_test < 1:
+            raise UserError(
+                f"data: {n} training images leave no test split ({TEST_FRACTION:.0%} of them rounds to 0); "
+                f"add a test/ folder or more images"
+            )
         test, rest = order[:n_test], order[n_test:]
     if not val_given:
         order = rng.permutation(len(rest))
@@ -370,7 +384,7 @@ def prepare(
     if dataset in SPECS:
         train, val, test, classes = _built_in(dataset, raw_dir, verify_checksums, download, mode)
     else:
-        train, val, test, classes = _folder(dataset, raw_dir, image_size, mode, min_side)
+        train, val, test, classes = _folder(dataset, raw_dir, image_size, mode, min_side, seed)
     train_idx, val_idx, test_idx = carve(len(train[0]), seed, val_fraction, test is not None, val is not None)
     test = test if test_idx is None else _take(train, test_idx)
     val = val if val_idx is None else _take(train, val_idx)

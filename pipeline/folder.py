@@ -42,12 +42,17 @@ class Layout:
         return bool(self.classes)
 
 
-def _images_in(folder: Path, root: Path) -> list[str]:
-    """The images directly in `folder` (relative to root, sorted); any other visible file is an error."""
+def _images_in(folder: Path, root: Path, subdirs_ok: bool = False) -> list[str]:
+    """The images directly in `folder` (relative to root, sorted); any other visible file, or a
+    folder where none belongs, is an error: nothing is left out without a word."""
     found = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
+        if path.name.startswith("."):
             continue
+        if path.is_dir():
+            if subdirs_ok:
+                continue
+            raise UserError(f"data: {path}/ is a folder inside {folder}/; maepipe reads no deeper (flatten it)")
         if path.suffix.lower() not in SUFFIXES:
             raise UserError(
                 f"data: {path} is not an image file (image folders hold only {', '.join(SUFFIXES)} files; "
@@ -68,7 +73,7 @@ def scan(root: Path) -> Layout:
         raise UserError(f'data: image folder {root}/ does not exist (README "Your own images" shows the layout)')
     train = root / "train"
     if not train.is_dir():
-        images = _images_in(root, root)
+        images = _images_in(root, root, subdirs_ok=True)
         if _subdirs(root) or not images:
             raise UserError(
                 f"data: {root}/ has no train/ folder: a labelled image folder is train/<class>/<images> "
@@ -78,12 +83,18 @@ def scan(root: Path) -> Layout:
     classes = tuple(d.name for d in _subdirs(train))
     if not classes:
         raise UserError(f"data: {train}/ has no class folders: put each class's images in train/<class>/")
+    other = [q.name for q in sorted(root.iterdir()) if not q.name.startswith(".") and q.name not in SPLITS]
+    if other:
+        raise UserError(
+            f"data: {root / other[0]} is not one of train/, val/, test/ (a labelled folder holds only "
+            f"those; a split under another name would be ignored and carved from train/ instead)"
+        )
     files = {}
     for split in SPLITS:
         folder = root / split
         if not folder.is_dir():
             continue
-        loose = _images_in(folder, root)
+        loose = _images_in(folder, root, subdirs_ok=True)
         if loose:
             raise UserError(f"data: {root / loose[0]} lies in {split}/ itself; every image belongs in {split}/<class>/")
         names = [d.name for d in _subdirs(folder)]
@@ -118,13 +129,19 @@ def unlabelled_downstream(downstream: str, data_dataset: str) -> UserError:
 
 def _decode(root: Path, rel: str):
     """(the file's MD5, its PIL image, fully loaded)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = root / rel
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"data: cannot read {path} ({e.strerror or e})") from None
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
+        image = _eight_bit(ImageOps.exif_transpose(image), path)  # a phone photo's stored rotation
+    except UserError:
+        raise
     except UnidentifiedImageError:
         raise UserError(f"data: {path} is not an image PIL can read (corrupt, or not what its suffix says)") from None
     except Image.DecompressionBombError as e:
@@ -132,6 +149,25 @@ def _decode(root: Path, rel: str):
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"data: {path} is corrupt or truncated ({e})") from None
     return hashlib.md5(raw).hexdigest(), image
+
+
+def _eight_bit(image, path: Path):
+    """16-bit and 32-bit integer images scaled to 8 bits (PIL's own conversion clips them white);
+    float images in [0, 1] scaled by 255, other floats refused (their range is unknowable)."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode == "I":
+        a = np.asarray(image).astype(np.int64)
+        if a.min() < 0:
+            raise UserError(f"data: {path} holds negative pixel values (mode {image.mode}); save it as 8- or 16-bit")
+        shift = 0 if a.max() <= 255 else 8  # 8-bit values stored wide keep their scale
+        return Image.fromarray((np.minimum(a >> shift, 255)).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        if not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            raise UserError(f"data: {path} holds float pixels outside [0, 1]; save it as 8- or 16-bit")
+        return Image.fromarray(np.round(a * 255).astype(np.uint8), mode="L")
+    return image
 
 
 def _check_size(width: int, height: int, min_side: int, path: Path) -> None:
@@ -166,15 +202,16 @@ def detect_mode(layout: Layout) -> str:
                 with Image.open(layout.root / rel) as image:
                     if image.mode not in GRAY_MODES:
                         return "rgb"
-            except OSError:
-                continue  # read() names the file
+            except (OSError, Image.DecompressionBombError):
+                continue  # check_images / read name the file
     return "gray"
 
 
 def check_images(layout: Layout, min_side: int, cache: Path | None = None) -> None:
     """Decode every image once, so a file that is corrupt, truncated or too small is named by
-    `validate`, before `data` runs. What passed is kept in `cache` by file size and mtime (with
-    each image's size, for the patch check), so a later run decodes only new or changed files."""
+    `validate`, before `data` runs. What passed is kept in `cache` by file size, mtime, ctime and
+    inode (with each image's size, for the patch check), so a later run decodes only new or
+    changed files (a copy that keeps the mtime still changes the ctime)."""
     import json
 
     from .fsutil import write_bytes
@@ -191,11 +228,14 @@ def check_images(layout: Layout, min_side: int, cache: Path | None = None) -> No
 
     def one(rel):
         path = layout.root / rel
-        stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns]
+        try:
+            stat = path.stat()
+        except OSError as e:
+            raise UserError(f"data: cannot read {path} ({e.strerror or e})") from None
+        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
         seen = known.get(rel)
-        if seen and seen[:2] == stamp:
-            width, height = seen[2:]
+        if seen and seen[:4] == stamp:
+            width, height = seen[4:]
         else:
             _, image = _decode(layout.root, rel)
             width, height = image.size

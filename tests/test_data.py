@@ -248,3 +248,90 @@ def test_an_unlabelled_folder_prepares_for_pretraining_and_auto_reads_its_mode(t
     (root / "sub").mkdir()
     with pytest.raises(UserError, match="has no train/ folder"):
         folder.scan(root)
+
+
+def test_built_in_splits_are_what_they_were_before_image_folders():
+    """The splits of a built-in (here digits at its own 8 x 8, so no float resize is involved) are
+    byte for byte those of the commit before image folders came (1c1d2c5's `prepare`), so adding
+    them changed no committed result."""
+    import hashlib
+
+    a = data.prepare("digits", 8, 0.1, 3, Path("data/raw"), True, 700, 200)
+    h = hashlib.md5()
+    for k in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        h.update(a[k].tobytes())
+    assert h.hexdigest() == "dfedbcedd5f9651d7937b96121960958"
+
+
+def _labelled(root, per_class, splits=("train",), size=(12, 12), mode="L"):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in ("ant", "bee", "cat"):
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                shape = size[::-1] if mode == "L" else (*size[::-1], 3)
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(
+                    root / split / c / f"{i}.png"
+                )
+
+
+def test_given_splits_are_shuffled_so_a_limit_takes_every_class(tmp_path):
+    _labelled(tmp_path / "raw" / "abc", 10, splits=("train", "val", "test"))
+    a = data.prepare("abc", 12, 0.1, 0, tmp_path / "raw", train_limit=9, test_limit=9)
+    assert len(a["y_train"]) == 9 and len(set(a["y_train"].tolist())) == 3
+    assert len(a["y_test"]) == 9 and len(set(a["y_test"].tolist())) == 3
+    assert len(a["y_val"]) == 30 and a["classes"].tolist() == ["ant", "bee", "cat"]
+
+
+def test_folder_images_are_upright_eight_bit_and_fitted_not_stretched(tmp_path):
+    """EXIF orientation applied; 16-bit and [0, 1] float pixels scaled to 8 bits, not clipped;
+    shorter side to the size, centre cropped."""
+    from PIL import Image
+
+    from pipeline import folder
+
+    wide = np.zeros((20, 40), dtype=np.uint8)
+    wide[:, 10:30] = 255  # a white centre square in a 40 x 20 image
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    x = folder.fit_files([tmp_path / "wide.png"], "gray", 10)[0, 0]
+    # The centre crop is white (bicubic blends a little black into the edge columns); squeezed to
+    # 10 x 10, a quarter of each row would be black.
+    assert x[:, 1:-1].min() == 255 and x.min() > 200
+    tall = Image.fromarray(wide)  # stored 40 x 20, tagged "rotate 90": shown 20 x 40
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tall.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    assert folder._decode(tmp_path, "rotated.jpg")[1].size == (20, 40)
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    x16 = folder.fit_files([tmp_path / "deep.png"], "gray", 64)[0, 0]
+    assert np.array_equal(x16, (ramp >> 8).astype(np.uint8))
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "half.tiff")
+    assert folder.fit_files([tmp_path / "half.tiff"], "gray", 8).max() == 128
+    Image.fromarray(np.full((8, 8), 7.0, dtype=np.float32)).save(tmp_path / "hot.tiff")
+    with pytest.raises(UserError, match="hot.tiff holds float pixels outside"):
+        folder.fit_files([tmp_path / "hot.tiff"], "gray", 8)
+
+
+def test_folder_layouts_that_would_leave_images_out_are_refused(tmp_path):
+    from pipeline import folder
+
+    root = tmp_path / "abc"
+    _labelled(root, 3)
+    (root / "validation" / "ant").mkdir(parents=True)
+    with pytest.raises(UserError, match="validation is not one of train/, val/, test/"):
+        folder.scan(root)
+    (root / "validation" / "ant").rmdir()
+    (root / "validation").rmdir()
+    (root / "train" / "ant" / "more").mkdir()
+    with pytest.raises(UserError, match="more/ is a folder inside"):
+        folder.scan(root)
+    (root / "train" / "ant" / "more").rmdir()
+    (root / "train" / "ant" / "0.png").unlink()
+    (root / "train" / "ant" / "0.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(UserError, match="cannot read"):
+        folder.check_images(folder.scan(root), 1)
+    with pytest.raises(UserError, match="leave no test split"):
+        data.carve(2, 0, 0.5, test_given=False, val_given=False)

@@ -36,19 +36,23 @@ def check_folders(p: Params) -> None:
             )
         layouts[dataset] = folder.scan(raw / dataset)
         folder.check_images(layouts[dataset], max(p.grid.patch), FOLDER_CHECKS / f"{dataset}.json")
-    down = layouts.get(p.downstream_dataset)
-    if down is None:
-        return
-    if not down.labelled:
-        raise folder.unlabelled_downstream(p.downstream.dataset, p.data.dataset)
-    budget = p.downstream.labels_per_class
-    if budget != "all":
-        # Exactly what `data` will keep for training: the carve depends on the labels alone.
-        labels = np.array([c for _, c in down.files["train"]])
-        keep, _, _ = data.carve(len(labels), p.seed, p.data.val_fraction, "test" in down.files, "val" in down.files)
+    for dataset, layout in layouts.items():
+        # Labels alone decide the splits, so the budget is counted exactly as `data` will cut it,
+        # and a folder too small to split is refused here, before `data` runs.
+        labels = np.array([c for _, c in layout.files["train"]], dtype=np.int64)
+        labels = labels[data.folder_order(len(labels), p.seed)]
+        test_given = "test" in layout.files or not layout.labelled
+        keep, _, _ = data.carve(len(labels), p.seed, p.data.val_fraction, test_given, "val" in layout.files)
+        if dataset != p.downstream_dataset:
+            continue
+        if not layout.labelled:
+            raise folder.unlabelled_downstream(p.downstream.dataset, p.data.dataset)
+        budget = p.downstream.labels_per_class
+        if budget == "all":
+            continue
         if p.data.train_limit is not None:
             keep = keep[: p.data.train_limit]
-        for name, n in zip(down.classes, np.bincount(labels[keep], minlength=len(down.classes))):
+        for name, n in zip(layout.classes, np.bincount(labels[keep], minlength=len(layout.classes))):
             if n < budget:
                 raise prepared.budget_too_large(budget, name, int(n))
 
@@ -56,7 +60,8 @@ def check_folders(p: Params) -> None:
 def run(p: Params, marker: Path | None, source: str) -> None:
     resolve_device(p.device)
     check_folders(p)
-    check_early(p)
+    if not is_folder(p.downstream_dataset):  # a folder's budget was counted exactly, from the folder as it is now
+        check_early(p)
     if marker is not None:
         write_bytes(marker, b"params.yaml passed validation\n")
     print(f"{source}: ok ({len(p.cells())} grid cells)")
