@@ -33,6 +33,7 @@ PROJECT_FILES = [
     ".dvcignore",
     ".gitignore",
     "data/raw/README.md",
+    "data/raw/.gitignore",
 ]
 
 
