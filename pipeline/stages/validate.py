@@ -36,6 +36,9 @@ def check_folders(p: Params) -> None:
             )
         layouts[dataset] = folder.scan(raw / dataset)
         folder.check_images(layouts[dataset], max(p.grid.patch), FOLDER_CHECKS / f"{dataset}.json")
+    down = layouts.get(p.downstream_dataset)
+    if down is not None and not down.labelled:
+        raise folder.unlabelled_downstream(p.downstream.dataset, p.data.dataset)
     for dataset, layout in layouts.items():
         # Labels alone decide the splits, so the budget is counted exactly as `data` will cut it,
         # and a folder too small to split is refused here, before `data` runs.
@@ -45,8 +48,6 @@ def check_folders(p: Params) -> None:
         keep, _, _ = data.carve(len(labels), p.seed, p.data.val_fraction, test_given, "val" in layout.files)
         if dataset != p.downstream_dataset:
             continue
-        if not layout.labelled:
-            raise folder.unlabelled_downstream(p.downstream.dataset, p.data.dataset)
         budget = p.downstream.labels_per_class
         if budget == "all":
             continue
