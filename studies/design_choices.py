@@ -13,6 +13,7 @@ runs and 3 label subsets) with one thing changed back:
 
     python studies/design_choices.py run      # the experiments (about 1 hour on 2 cores)
     python studies/design_choices.py report   # reports/design_choices.{md,json}
+    python studies/design_choices.py report --only dc-regularised dc-steps-3000   # those run so far
 
 Each row is the val accuracy of every arm, mean ± sd over the 3 repetitions, and the difference of
 its means from the default's (a paired CI needs per-image val predictions, which the arms do not
@@ -43,8 +44,9 @@ EXPERIMENTS = {
 ARMS = ("finetune", "scratch", "probe", "probe_random")
 
 
-def run() -> None:
-    for name, sets in EXPERIMENTS.items():
+def run(names) -> None:
+    for name in names:
+        sets = EXPERIMENTS[name]
         args = [a for k, v in sets.items() for a in ("-S", f"{k}={hydra_value(v)}")]
         subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *args], cwd=ROOT, check=True)
 
@@ -96,10 +98,12 @@ def write(rows: list[dict], root=ROOT) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("run", "report"))
+    parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="these experiments, not all four")
     args = parser.parse_args()
+    names = args.only or list(EXPERIMENTS)
     if args.action == "run":
-        run()
-    write(collect(EXPERIMENTS))
+        run(names)
+    write(collect(names))
 
 
 if __name__ == "__main__":
