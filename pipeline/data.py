@@ -326,10 +326,10 @@ def _folder(dataset, raw_dir, image_size, mode, min_side, seed):
             (part["x"], part["y"], {"path": part["path"], "md5": part["md5"]}), folder_order(len(part["y"]), seed)
         )
 
-    test = split("test")
-    if test is None and not layout.labelled:
-        test = (parts["train"]["x"][:0], parts["train"]["y"][:0], {"path": np.array([], str), "md5": np.array([], str)})
-    return split("train"), split("val"), test, layout.classes
+    train, test = split("train"), split("test")
+    if test is None and not layout.labelled:  # pretraining only: no test split to carve
+        test = _take(train, np.arange(0))
+    return train, split("val"), test, layout.classes
 
 
 def _take(split, idx):
