@@ -19,8 +19,6 @@ from the repository alone.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +29,7 @@ from exps import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from pipeline import figures, report, stats  # noqa: E402
+from pipeline import figures, report  # noqa: E402
 
 BUDGETS = ("10", "100", "1000", "all")
 DEFAULT = "100"  # the committed default run's budget: read from the workspace, not re-run
@@ -53,41 +51,9 @@ def run(budgets=BUDGETS) -> None:
 
 
 def collect(budgets: dict[str, str | None], out=OUT) -> dict:
-    import csv
-
-    results = {}
-    out.mkdir(parents=True, exist_ok=True)
-    for budget, exp in budgets.items():
-        ev = json.loads(exps.read_text(exp, "metrics/evaluate.json"))
-        text = exps.read_text(exp, "plots/evaluate/predictions.csv")
-        (out / f"predictions_{budget}.csv").write_text(text)
-        rows = list(csv.DictReader(io.StringIO(text)))
-        label = np.array([int(r["label"]) for r in rows])
-        ks = [r["k"] for r in ev["repetitions"]]
-        correct = {arm: np.array([[int(r[f"{arm}_r{k}"]) for r in rows] for k in ks]) == label[None] for arm in ARMS}
-        arms = {}
-        for arm in ARMS:
-            ci = stats.paired_bootstrap(correct[arm], np.zeros_like(correct[arm]), seed=0)
-            arms[arm] = {
-                "accuracy_mean": ev["arms"][arm]["accuracy_mean"],
-                "accuracy_sd": ev["arms"][arm]["accuracy_sd"],
-                "ci_low": ci["ci_low"],
-                "ci_high": ci["ci_high"],
-            }
-        results[budget] = {
-            "labels": ev["labels"],
-            "dev_labels": ev["dev_labels"],
-            "repetitions": len(ks),
-            "cells": [r["cell"] for r in ev["repetitions"]],
-            "arms": arms,
-            "comparisons": {
-                f"{a}-{b}": {
-                    k: ev["comparisons"][f"{a}-{b}"][k] for k in ("diff", "ci_low", "ci_high", "sd", "mcnemar_p_max")
-                }
-                for a, b in PAIRS
-            },
-        }
-    return results
+    return {
+        budget: exps.evaluated(exp, out / f"predictions_{budget}.csv", ARMS, PAIRS) for budget, exp in budgets.items()
+    }
 
 
 def write(results: dict, root=ROOT) -> None:

@@ -120,3 +120,17 @@ def test_design_choices_report_reads_each_experiment(pinned_template, tmp_path, 
     assert pinned["changed"] == "patch=8" and len(pinned["probe"]["per_repetition"]) == 2
     table = (tmp_path / "reports" / "design_choices.md").read_text()
     assert "| pinned | patch=8 |" in table and "(the default)" in table
+
+    # The pretraining-length curve: every point read from its run, with its intervals recomputed.
+    points = study.curve([None, "pinned"], out=tmp_path / "copied")
+    study.write_curve(points, 0.84, root=tmp_path)
+    ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
+    steps = json.loads((repo / "metrics" / "pretrain_full" / "r0.json").read_text())["steps"]
+    assert [p["pretraining_steps"] for p in points] == [steps, steps] and points[0]["arms"] == points[1]["arms"]
+    fp = points[1]["comparisons"]["finetune-pixels_logreg"]
+    assert fp["diff"] == ev["comparisons"]["finetune-pixels_logreg"]["diff"]
+    assert (tmp_path / "copied" / "predictions_pinned.csv").read_text() == (
+        repo / "plots" / "evaluate" / "predictions.csv"
+    ).read_text()
+    assert "| pinned |" in (tmp_path / "reports" / "pretraining_length.md").read_text()
+    assert (tmp_path / "plots" / "images" / "pretraining_length.png").stat().st_size > 1000
