@@ -31,6 +31,12 @@ def read_text(exp: str | None, rel: str) -> str:
     return (ROOT / rel).read_text() if exp is None else git("show", f"{ref(exp)}:{rel}")
 
 
+def baseline(exp: str | None) -> str:
+    """The commit a run's code and params came from: an experiment's parent, or the workspace's HEAD
+    (its results are the committed ones)."""
+    return git("rev-parse", "--short=7", f"{ref(exp)}^" if exp else "HEAD").strip()
+
+
 def evaluated(exp: str | None, predictions_out, arms, pairs) -> dict:
     """One run's test results as the studies report them: each arm's accuracy (mean ± sd over
     repetitions, and a 95 % CI recomputed from the per-image predictions, which are copied to
@@ -63,7 +69,10 @@ def evaluated(exp: str | None, predictions_out, arms, pairs) -> dict:
             "ci_low": ci["ci_low"],
             "ci_high": ci["ci_high"],
         }
+    curve = read_text(exp, "plots/finetune/curve.csv").splitlines()
     return {
+        "commit": baseline(exp),
+        "finetune_steps": int(curve[-1].split(",")[0]),
         "labels": ev["labels"],
         "dev_labels": ev["dev_labels"],
         "repetitions": len(ks),

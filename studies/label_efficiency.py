@@ -60,7 +60,13 @@ def write(results: dict, root=ROOT) -> None:
     report.write_json(results, root / "reports" / "label_efficiency.json")
     rows = []
     for budget, r in results.items():
-        row = {"labels per class": budget, "trained on": r["labels"], "cells": ", ".join(r["cells"])}
+        row = {
+            "labels per class": budget,
+            "trained on": r["labels"],
+            "steps": r["finetune_steps"],
+            "run at": r["commit"],
+            "cells": ", ".join(r["cells"]),
+        }
         for arm in ARMS:
             a = r["arms"][arm]
             row[arm] = f"{a['accuracy_mean']:.4f} ± {a['accuracy_sd']:.4f}"

@@ -134,3 +134,21 @@ def test_design_choices_report_reads_each_experiment(pinned_template, tmp_path, 
     ).read_text()
     assert "| pinned |" in (tmp_path / "reports" / "pretraining_length.md").read_text()
     assert (tmp_path / "plots" / "images" / "pretraining_length.png").stat().st_size > 1000
+
+
+def test_mnist_protocol_report_reads_each_experiment(pinned_template, tmp_path, monkeypatch):
+    """The write-up-protocol report: the choice each criterion made and every arm's test accuracy,
+    read from the experiment's ref, beside the write-up's own number."""
+    import json
+
+    exps, study = _study("exps"), _study("mnist_protocol")
+    repo, _, _ = pinned_template
+    monkeypatch.setattr(exps, "ROOT", repo)
+    results = study.collect(["pinned"], out=tmp_path / "copied")
+    study.write(results, root=tmp_path)
+    select = json.loads((repo / "metrics" / "select.json").read_text())
+    r = results["pinned"]
+    assert r["select_metric"] == select["metric"] and r["best_by"] == select["best_by"]
+    assert r["commit"] == exps.git("rev-parse", "--short=7", "HEAD").strip()
+    table = (tmp_path / "reports" / "mnist_protocol.md").read_text()
+    assert "| pinned |" in table and "| the write-up (60,000 digits, one run) |" in table
