@@ -39,7 +39,7 @@ from exps import ROOT
 
 sys.path.insert(0, str(ROOT))
 
-from pipeline import figures, report  # noqa: E402
+from pipeline import figures, report, stats  # noqa: E402
 from pipeline.presets import hydra_value  # noqa: E402
 
 EXPERIMENTS = {
@@ -116,19 +116,52 @@ def curve(experiments, out=ROOT / "reports" / "pretraining_length") -> list[dict
         steps = json.loads(exps.read_text(exp, "metrics/pretrain_full/r0.json"))["steps"]
         point = exps.evaluated(exp, out / f"predictions_{exp or 'default'}.csv", CURVE_ARMS, CURVE_PAIRS)
         points.append({"experiment": exp or "default", "pretraining_steps": steps, **point})
+    # Each point against the default, paired: repetition k has the same label subset, head init and
+    # batch order in every experiment, and all are scored on the same test images.
+    base = _correct(out / "predictions_default.csv") if None in experiments else None
+    for p in points:
+        if base is not None:
+            mine = _correct(out / f"predictions_{p['experiment']}.csv")
+            p["minus_default"] = {
+                arm: {k: v for k, v in stats.paired_bootstrap(mine[arm], base[arm], seed=0).items() if k in CI_KEYS}
+                for arm in ("finetune", "probe")
+            }
     return sorted(points, key=lambda p: p["pretraining_steps"])
+
+
+CI_KEYS = ("diff", "ci_low", "ci_high")
+
+
+def _correct(path) -> dict:
+    import csv
+
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    label = np.array([int(r["label"]) for r in rows])
+    ks = sorted({c.rsplit("_r", 1)[1] for c in rows[0] if c.startswith("finetune_r")})
+    return {
+        arm: np.array([[int(r[f"{arm}_r{k}"]) for r in rows] for k in ks]) == label[None]
+        for arm in ("finetune", "probe")
+    }
 
 
 def write_curve(points: list[dict], target: float | None, root=ROOT) -> None:
     report.write_json({"target": target, "points": points}, root / "reports" / "pretraining_length.json")
     rows = []
     for p in points:
-        row = {"experiment": p["experiment"], "pretraining steps per run": p["pretraining_steps"]}
+        row = {
+            "experiment": p["experiment"],
+            "run at": p["commit"],
+            "pretraining steps per run": p["pretraining_steps"],
+            "fine-tuning steps": p["finetune_steps"],
+        }
         for arm in CURVE_ARMS:
             a = p["arms"][arm]
             row[arm] = f"{a['accuracy_mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]"
         for name, c in p["comparisons"].items():
             row[name] = f"{c['diff'] * 100:+.2f} [{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]"
+        for arm, c in p.get("minus_default", {}).items():
+            row[f"{arm} - default's"] = f"{c['diff'] * 100:+.2f} [{c['ci_low'] * 100:+.2f}, {c['ci_high'] * 100:+.2f}]"
         rows.append(row)
     report.write_markdown_table(
         rows,
@@ -155,6 +188,7 @@ def write_curve(points: list[dict], target: float | None, root=ROOT) -> None:
     left.axhline(0, color="gray", linewidth=1)
     for ax, ylabel in ((left, "difference, points (95 % CI)"), (right, "test accuracy (95 % CI)")):
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(x, [f"{int(v):,}" for v in x])
         ax.set_xlabel("pretraining steps per run (batch 256)")
         ax.set_ylabel(ylabel)

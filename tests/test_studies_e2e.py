@@ -127,6 +127,7 @@ def test_design_choices_report_reads_each_experiment(pinned_template, tmp_path, 
     ev = json.loads((repo / "metrics" / "evaluate.json").read_text())
     steps = json.loads((repo / "metrics" / "pretrain_full" / "r0.json").read_text())["steps"]
     assert [p["pretraining_steps"] for p in points] == [steps, steps] and points[0]["arms"] == points[1]["arms"]
+    assert points[1]["minus_default"]["finetune"] == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0}
     fp = points[1]["comparisons"]["finetune-pixels_logreg"]
     assert fp["diff"] == ev["comparisons"]["finetune-pixels_logreg"]["diff"]
     assert (tmp_path / "copied" / "predictions_pinned.csv").read_text() == (
