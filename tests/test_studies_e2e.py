@@ -153,3 +153,14 @@ def test_mnist_protocol_report_reads_each_experiment(pinned_template, tmp_path, 
     assert r["commit"] == exps.git("rev-parse", "--short=7", "HEAD").strip()
     table = (tmp_path / "reports" / "mnist_protocol.md").read_text()
     assert "| pinned |" in table and "| the write-up (60,000 digits, one run) |" in table
+    # The two choices compared image by image: a run against itself differs by exactly nothing.
+    both = {}
+    for name in study.EXPERIMENTS:
+        (tmp_path / "copied" / f"predictions_{name}.csv").write_text(
+            (tmp_path / "copied" / "predictions_pinned.csv").read_text()
+        )
+        both[name] = r
+    compared = study.choices_compared(both, out=tmp_path / "copied")
+    assert compared["diff"] == compared["ci_low"] == compared["ci_high"] == 0 and compared["n_seeds"] == 2
+    study.write(both, compared, root=tmp_path)
+    assert "k-NN choice minus the val-loss choice" in (tmp_path / "reports" / "mnist_protocol.md").read_text()
