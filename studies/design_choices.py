@@ -118,10 +118,10 @@ def curve(experiments, out=ROOT / "reports" / "pretraining_length") -> list[dict
         points.append({"experiment": exp or "default", "pretraining_steps": steps, **point})
     # Each point against the default, paired: repetition k has the same label subset, head init and
     # batch order in every experiment, and all are scored on the same test images.
-    base = _correct(out / "predictions_default.csv") if None in experiments else None
+    base = exps.correct((out / "predictions_default.csv").read_text(), CURVE_ARMS) if None in experiments else None
     for p in points:
         if base is not None:
-            mine = _correct(out / f"predictions_{p['experiment']}.csv")
+            mine = exps.correct((out / f"predictions_{p['experiment']}.csv").read_text(), CURVE_ARMS)
             p["minus_default"] = {
                 arm: {k: v for k, v in stats.paired_bootstrap(mine[arm], base[arm], seed=0).items() if k in CI_KEYS}
                 for arm in ("finetune", "probe")
@@ -130,19 +130,6 @@ def curve(experiments, out=ROOT / "reports" / "pretraining_length") -> list[dict
 
 
 CI_KEYS = ("diff", "ci_low", "ci_high")
-
-
-def _correct(path) -> dict:
-    import csv
-
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    label = np.array([int(r["label"]) for r in rows])
-    ks = sorted({c.rsplit("_r", 1)[1] for c in rows[0] if c.startswith("finetune_r")})
-    return {
-        arm: np.array([[int(r[f"{arm}_r{k}"]) for r in rows] for k in ks]) == label[None]
-        for arm in ("finetune", "probe")
-    }
 
 
 def write_curve(points: list[dict], target: float | None, root=ROOT) -> None:

@@ -32,9 +32,11 @@ def read_text(exp: str | None, rel: str) -> str:
 
 
 def baseline(exp: str | None) -> str:
-    """The commit a run's code and params came from: an experiment's parent, or the workspace's HEAD
-    (its results are the committed ones)."""
-    return git("rev-parse", "--short=7", f"{ref(exp)}^" if exp else "HEAD").strip()
+    """The commit a run's code and params came from: an experiment's parent, or for the committed
+    default the last commit that changed `dvc.lock` (the run its results are from)."""
+    if exp:
+        return git("rev-parse", "--short=7", f"{ref(exp)}^").strip()
+    return git("log", "-1", "--format=%h", "--abbrev=7", "--", "dvc.lock").strip()
 
 
 def evaluated(exp: str | None, predictions_out, arms, pairs) -> dict:
@@ -42,8 +44,6 @@ def evaluated(exp: str | None, predictions_out, arms, pairs) -> dict:
     repetitions, and a 95 % CI recomputed from the per-image predictions, which are copied to
     `predictions_out` so the repository alone can recompute it) and the paired differences
     `evaluate` computed, with the cells each repetition chose."""
-    import csv
-    import io
     import json
     import sys
 
@@ -56,13 +56,11 @@ def evaluated(exp: str | None, predictions_out, arms, pairs) -> dict:
     text = read_text(exp, "plots/evaluate/predictions.csv")
     predictions_out.parent.mkdir(parents=True, exist_ok=True)
     predictions_out.write_text(text)
-    rows = list(csv.DictReader(io.StringIO(text)))
-    label = np.array([int(r["label"]) for r in rows])
     ks = [r["k"] for r in ev["repetitions"]]
+    right = correct(text, arms)
     out_arms = {}
     for arm in arms:
-        correct = np.array([[int(r[f"{arm}_r{k}"]) for r in rows] for k in ks]) == label[None]
-        ci = stats.paired_bootstrap(correct, np.zeros_like(correct), seed=0)
+        ci = stats.paired_bootstrap(right[arm], np.zeros_like(right[arm]), seed=0)
         out_arms[arm] = {
             "accuracy_mean": ev["arms"][arm]["accuracy_mean"],
             "accuracy_sd": ev["arms"][arm]["accuracy_sd"],
@@ -84,4 +82,21 @@ def evaluated(exp: str | None, predictions_out, arms, pairs) -> dict:
             }
             for a, b in pairs
         },
+    }
+
+
+def correct(predictions_csv: str, arms) -> dict:
+    """Per arm, which test images each repetition got right: a bool array [repetitions, images]
+    from `evaluate`'s per-image predictions (columns `<arm>_r<k>`, in repetition order)."""
+    import csv
+    import io
+    import re
+
+    import numpy as np
+
+    rows = list(csv.DictReader(io.StringIO(predictions_csv)))
+    label = np.array([int(r["label"]) for r in rows])
+    return {
+        arm: np.array([[int(r[c]) for r in rows] for c in rows[0] if re.fullmatch(rf"{arm}_r\d+", c)]) == label[None]
+        for arm in arms
     }

@@ -31,13 +31,11 @@ afterwards it holds the last one: `git checkout params.yaml && dvc checkout` ret
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 
 import exps
-import numpy as np
 from exps import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -108,14 +106,11 @@ def choices_compared(results: dict, out=OUT) -> dict | None:
     has the same labels, head init and batch order in both, and both score the same test digits."""
     if set(EXPERIMENTS) - set(results):
         return None
-    correct = {}
-    for name in EXPERIMENTS:
-        with open(out / f"predictions_{name}.csv") as f:
-            rows = list(csv.DictReader(f))
-        label = np.array([int(r["label"]) for r in rows])
-        ks = [str(k) for k in range(results[name]["repetitions"])]
-        correct[name] = np.array([[int(r[f"finetune_r{k}"]) for r in rows] for k in ks]) == label[None]
-    ci = stats.paired_bootstrap(correct["mnist5k-writeup-knn"], correct["mnist5k-writeup"], seed=0)
+    right = {
+        name: exps.correct((out / f"predictions_{name}.csv").read_text(), ["finetune"])["finetune"]
+        for name in EXPERIMENTS
+    }
+    ci = stats.paired_bootstrap(right["mnist5k-writeup-knn"], right["mnist5k-writeup"], seed=0)
     return {k: ci[k] for k in ("diff", "ci_low", "ci_high", "n_seeds", "n_images")}
 
 
