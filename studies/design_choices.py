@@ -28,9 +28,7 @@ point; the floor is 3,000 since (chosen from the steps rows).
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 
 import exps
@@ -40,7 +38,6 @@ from exps import ROOT
 sys.path.insert(0, str(ROOT))
 
 from pipeline import figures, report, stats  # noqa: E402
-from pipeline.presets import hydra_value  # noqa: E402
 
 EXPERIMENTS = {
     "dc-mse": {"pretrain.loss": "mse"},
@@ -59,9 +56,7 @@ CURVE_PAIRS = (("finetune", "pixels_logreg"), ("probe", "pixels_logreg"), ("fine
 
 def run(names) -> None:
     for name in names:
-        sets = EXPERIMENTS[name]
-        args = [a for k, v in sets.items() for a in ("-S", f"{k}={hydra_value(v)}")]
-        subprocess.run(["dvc", "exp", "run", "--temp", "-n", name, *args], cwd=ROOT, check=True)
+        exps.run_experiment(name, EXPERIMENTS[name])
 
 
 def row(exp: str | None) -> dict:
@@ -186,12 +181,8 @@ def write_curve(points: list[dict], target: float | None, root=ROOT) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("run", "report"))
-    parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="these experiments, not all")
-    args = parser.parse_args()
-    names = args.only or list(EXPERIMENTS)
-    if args.action == "run":
+    action, names = exps.cli(__doc__, EXPERIMENTS)
+    if action == "run":
         run(names)
     write(collect(names))
     if any(n.startswith("dc-pretrain-") for n in names):

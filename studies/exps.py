@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,3 +101,23 @@ def correct(predictions_csv: str, arms) -> dict:
         arm: np.array([[int(r[c]) for r in rows] for c in rows[0] if re.fullmatch(rf"{arm}_r\d+", c)]) == label[None]
         for arm in arms
     }
+
+
+def run_experiment(name: str, sets: dict, temp: bool = True) -> None:
+    """`dvc exp run -n name -S key=value ...` (hydra syntax), in a temporary copy or the workspace."""
+    sys.path.insert(0, str(ROOT))
+    from pipeline.presets import hydra_value
+
+    args = [a for k, v in sets.items() for a in ("-S", f"{k}={hydra_value(v)}")]
+    subprocess.run(["dvc", "exp", "run", *(["--temp"] if temp else []), "-n", name, *args], cwd=ROOT, check=True)
+
+
+def cli(doc: str, experiments) -> tuple[str, list[str]]:
+    """A study's command line: `run` or `report`, and `--only` a subset of its experiments."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("action", choices=("run", "report"))
+    parser.add_argument("--only", nargs="+", choices=list(experiments), help="these experiments, not all")
+    args = parser.parse_args()
+    return args.action, args.only or list(experiments)

@@ -30,9 +30,7 @@ afterwards it holds the last one: `git checkout params.yaml && dvc checkout` ret
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 
 import exps
@@ -41,7 +39,6 @@ from exps import ROOT
 sys.path.insert(0, str(ROOT))
 
 from pipeline import report, stats  # noqa: E402
-from pipeline.presets import hydra_value  # noqa: E402
 
 FOLDER = "mnist5k"
 PROTOCOL = {
@@ -84,8 +81,7 @@ def run(names) -> None:
             "(the commands in this script's docstring)"
         )
     for name in names:
-        args = [a for k, v in EXPERIMENTS[name].items() for a in ("-S", f"{k}={hydra_value(v)}")]
-        subprocess.run(["dvc", "exp", "run", "-n", name, *args], cwd=ROOT, check=True)
+        exps.run_experiment(name, EXPERIMENTS[name], temp=False)
 
 
 def collect(names, out=OUT) -> dict:
@@ -153,12 +149,8 @@ def write(results: dict, compared: dict | None = None, root=ROOT) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("run", "report"))
-    parser.add_argument("--only", nargs="+", choices=list(EXPERIMENTS), help="these experiments, not both")
-    args = parser.parse_args()
-    names = args.only or list(EXPERIMENTS)
-    if args.action == "run":
+    action, names = exps.cli(__doc__, EXPERIMENTS)
+    if action == "run":
         run(names)
     results = collect(names)
     write(results, choices_compared(results))
